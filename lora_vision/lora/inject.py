@@ -1,0 +1,112 @@
+"""Putting adapters into a model, freezing the rest, and merging them back out."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterable, Sequence
+
+from torch import nn
+
+from lora_vision.lora.errors import LoRAConfigError, check_hyperparameters
+from lora_vision.lora.layers import QKV_SLOTS, LoRAConv2d, LoRALayer, LoRALinear
+from lora_vision.lora.summary import ParameterSummary, summarize
+from lora_vision.lora.targets import Target, classifier_name, resolve_targets
+
+
+def _max_rank(target: Target) -> int:
+    if isinstance(target.module, nn.Conv2d):
+        return LoRAConv2d.max_rank(target.module)
+    return LoRALinear.max_rank(target.module, 1 if target.slots is None else len(QKV_SLOTS))
+
+
+def _build(target: Target, rank: int, alpha: float | None, dropout: float) -> LoRALayer:
+    if isinstance(target.module, nn.Conv2d):
+        return LoRAConv2d(target.module, rank, alpha, dropout)
+    if target.slots is None:
+        return LoRALinear(target.module, rank, alpha, dropout)
+    return LoRALinear(target.module, rank, alpha, dropout, num_slots=len(QKV_SLOTS), slots=target.slots)
+
+
+def freeze_backbone(model: nn.Module, train_head: bool = True) -> None:
+    """Freeze every parameter except LoRA adapters and (if `train_head`) a non-adapted classifier head."""
+    model.requires_grad_(False)
+    for module in model.modules():
+        if isinstance(module, LoRALayer):
+            module.lora_A.requires_grad_(True)
+            module.lora_B.requires_grad_(True)
+    head = classifier_name(model)
+    if train_head and head is not None and not isinstance(model.get_submodule(head), LoRALayer):
+        model.get_submodule(head).requires_grad_(True)
+
+
+def apply_lora(
+    model: nn.Module,
+    targets: str | Iterable[str],
+    rank: int = 8,
+    alpha: float | None = None,
+    dropout: float = 0.0,
+    blocks: int | str | Sequence[int] | None = None,
+    train_head: bool = True,
+) -> ParameterSummary:
+    """Add LoRA adapters to `model` in place and freeze everything but the adapters and the head.
+
+    Args:
+        targets: preset names and/or module-name patterns (see `lora_vision.lora.targets`).
+        rank: adapter rank r (>= 1, at most what each targeted layer allows).
+        alpha: the update is scaled by alpha / r; None means alpha = r (scale 1).
+        dropout: dropout probability on the adapter's input, in [0, 1).
+        blocks: restrict targets to blocks/stages, e.g. ``"-4:"`` (last four) or ``[3, 4]``.
+        train_head: also train the classifier head (unless it is itself adapted).
+
+    Every setting is validated before the model is modified; errors are `LoRAConfigError`.
+    """
+    check_hyperparameters(rank, alpha, dropout)
+    resolved = resolve_targets(model, targets, blocks)
+    too_small = [f"{t.name} (max {_max_rank(t)})" for t in resolved if rank > _max_rank(t)]
+    if too_small:
+        raise LoRAConfigError(f"lora rank {rank} exceeds what these layers allow: {', '.join(too_small)}")
+    for target in resolved:
+        layer = _build(target, rank, alpha, dropout)
+        if layer.adapter_parameters > layer.base_parameters:
+            warnings.warn(
+                f"LoRA on {target.name} adds {layer.adapter_parameters:,} parameters, more than the "
+                f"{layer.base_parameters:,} of the layer itself; consider a lower rank or other targets",
+                UserWarning,
+                stacklevel=2,
+            )
+        model.set_submodule(target.name, layer)
+    freeze_backbone(model, train_head)
+    return summarize(model)
+
+
+def lora_layers(model: nn.Module) -> list[LoRALayer]:
+    return [m for m in model.modules() if isinstance(m, LoRALayer)]
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Fold every adapter into its base weight, so inference costs what the base model costs."""
+    for layer in lora_layers(model):
+        layer.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    """Undo `merge_lora` (to float rounding)."""
+    for layer in lora_layers(model):
+        layer.unmerge()
+
+
+def merge_and_unload(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """A plain model (no adapter modules) whose weights include the merged updates.
+
+    The result is the original timm architecture: its `state_dict()` loads into `timm.create_model(name)`.
+    Every parameter is trainable again, as in a freshly created model. With `inplace=False` the given model is
+    left untouched.
+    """
+    if not inplace:
+        model = copy.deepcopy(model)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoRALayer):
+            module.merge()
+            model.set_submodule(name, module.base)
+    return model.requires_grad_(True)
