@@ -6,6 +6,10 @@ BIN := $(VENV)/bin
 CONSTRAINTS := constraints.txt
 STAMP := $(VENV)/.installed
 
+# The main job; more Hydra overrides go in ARGS, e.g. make train ARGS="trainer=cpu data.batch_size=32".
+EXP ?= vit_r8
+ARGS ?=
+
 .PHONY: install test lint train clean
 
 install: $(STAMP)
@@ -20,8 +24,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check lora_vision tests
 	$(BIN)/ruff format --check lora_vision tests
 
-test: $(STAMP)
+test: lint
 	$(BIN)/python -m pytest -q
+
+train: $(STAMP)
+	$(BIN)/python -m lora_vision.train +exp=$(EXP) $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,56 @@
+"""Callbacks the run record needs."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning as L
+
+
+class TrainThroughput(L.Callback):
+    """Training images per second over the whole fit, validation excluded, summed over all devices.
+
+    Lightning's `ThroughputMonitor` reports windowed per-step rates to the loggers only; the run record needs
+    one whole-run average that includes data loading, which this stopwatch gives.
+    """
+
+    def __init__(self) -> None:
+        self.images = 0
+        self.seconds = 0.0
+        self._started: float | None = None
+        self._paused_for_validation = False
+
+    @property
+    def images_per_second(self) -> float | None:
+        return self.images / self.seconds if self.seconds > 0 else None
+
+    def _start(self) -> None:
+        self._started = time.perf_counter()
+
+    def _stop(self) -> bool:
+        if self._started is None:
+            return False
+        self.seconds += time.perf_counter() - self._started
+        self._started = None
+        return True
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.images += len(batch[1]) * trainer.world_size
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The sanity check runs before the first training epoch, when the stopwatch is not running.
+        self._paused_for_validation = self._stop()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._paused_for_validation:
+            self._paused_for_validation = False
+            self._start()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop()

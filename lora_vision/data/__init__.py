@@ -1,0 +1,56 @@
+"""Data layer: LightningDataModules whose transforms follow the backbone's timm data config.
+
+Every datamodule takes the common keyword options of :class:`ImageDataModule` (``data_config``,
+``batch_size``, ``num_workers``, ``pin_memory``, ``persistent_workers``, ``seed``, ``val_fraction``,
+``train_augment``, ``train_subset``) and knows ``num_classes`` / ``class_names`` right after construction.
+"""
+
+from lora_vision.data.archive import extract_archive
+from lora_vision.data.base import ImageDataModule
+from lora_vision.data.cifar import (
+    CIFAR10_CLASSES,
+    CIFAR100_CLASSES,
+    CIFAR10DataModule,
+    CIFAR100DataModule,
+    CIFARDataModule,
+)
+from lora_vision.data.errors import DatasetFormatError, DatasetNotFoundError
+from lora_vision.data.image_folder import FolderDataModule, ImageFolderDataModule
+from lora_vision.data.imagenet import ImageNetSubsetDataModule
+from lora_vision.data.imagenet_subsets import (
+    IMAGENET100,
+    IMAGENETTE,
+    IMAGEWOOF,
+    PRESETS,
+    imagenet_class_name,
+    imagenet_index,
+    imagenet_wnids,
+)
+from lora_vision.data.synthetic import SyntheticDataModule, SyntheticImageDataset
+from lora_vision.data.transforms import DEFAULT_DATA_CONFIG, build_transform
+
+__all__ = [
+    "CIFAR10_CLASSES",
+    "CIFAR100_CLASSES",
+    "DEFAULT_DATA_CONFIG",
+    "IMAGENET100",
+    "IMAGENETTE",
+    "IMAGEWOOF",
+    "PRESETS",
+    "CIFAR10DataModule",
+    "CIFAR100DataModule",
+    "CIFARDataModule",
+    "DatasetFormatError",
+    "DatasetNotFoundError",
+    "FolderDataModule",
+    "ImageDataModule",
+    "ImageFolderDataModule",
+    "ImageNetSubsetDataModule",
+    "SyntheticDataModule",
+    "SyntheticImageDataset",
+    "build_transform",
+    "extract_archive",
+    "imagenet_class_name",
+    "imagenet_index",
+    "imagenet_wnids",
+]

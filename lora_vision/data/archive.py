@@ -1,0 +1,111 @@
+"""Extract a tar archive of a dataset exactly once, safely under concurrent callers.
+
+Extraction goes into a temporary directory next to the target, which is renamed into place only when
+complete, under an exclusive ``fcntl.flock`` on a lock file: a crashed run leaves no half-extracted tree,
+and two runs (DDP ranks, parallel sweeps sharing a cache) never extract over each other. A marker file
+inside the extracted tree records the archive's name, size and mtime, so a changed archive re-extracts.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from lora_vision.data.errors import DatasetFormatError, DatasetNotFoundError
+
+MARKER_NAME = ".lora_vision_extracted.json"
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+
+
+def archive_stem(archive: str | os.PathLike[str]) -> str:
+    """The archive's file name without its tar suffix: ``cifar10-jpeg.tar.gz`` -> ``cifar10-jpeg``."""
+    name = Path(archive).name
+    for suffix in TAR_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def extract_archive(archive: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path:
+    """Extract the tar ``archive`` into the directory ``dest`` unless an up-to-date copy is already there.
+
+    Returns ``dest``. Raises :class:`DatasetNotFoundError` if the archive does not exist and
+    :class:`DatasetFormatError` if it is not a tar file, or if ``dest`` exists but was not made by this
+    function (it is never overwritten then).
+    """
+    archive, dest = Path(archive), Path(dest)
+    if not archive.is_file():
+        raise DatasetNotFoundError(f"archive {archive} does not exist (or is not a file)")
+    if not tarfile.is_tarfile(archive):
+        raise DatasetFormatError(
+            f"{archive} is not a tar archive; expected a tar file such as {', '.join(TAR_SUFFIXES)}"
+        )
+    stamp = _stamp(archive)
+    # Lock-free fast path: a marker only ever exists inside a complete tree (it is written before the rename).
+    if _read_marker(dest) == stamp:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(dest.with_name(f"{dest.name}.lock")):
+        if _read_marker(dest) == stamp:
+            return dest
+        if dest.exists() and _read_marker(dest) is None:
+            raise DatasetFormatError(
+                f"refusing to extract {archive} over {dest}: it exists but was not extracted by lora_vision; "
+                "remove it or choose another cache_dir"
+            )
+        _remove_leftovers(dest)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+        try:
+            with tarfile.open(archive) as tar:
+                tar.extractall(tmp, filter="data")
+            (tmp / MARKER_NAME).write_text(json.dumps(stamp))
+            _swap_into_place(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return dest
+
+
+def _stamp(archive: Path) -> dict[str, object]:
+    stat = archive.stat()
+    return {"archive": archive.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _read_marker(dest: Path) -> dict[str, object] | None:
+    try:
+        return json.loads((dest / MARKER_NAME).read_text())
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+        return None
+
+
+@contextmanager
+def _exclusive_lock(lock_path: Path) -> Iterator[None]:
+    # Closing the file releases the lock, also when the process dies, so a crash cannot leave it held.
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        yield
+
+
+def _remove_leftovers(dest: Path) -> None:
+    # Called under the lock: any temporary sibling belongs to a run that was killed mid-extraction.
+    for leftover in dest.parent.glob(f".{dest.name}.*.tmp"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _swap_into_place(tmp: Path, dest: Path) -> None:
+    # os.replace cannot overwrite a non-empty directory, so a stale copy is moved aside first and deleted
+    # only after the new tree is in place.
+    stale = None
+    if dest.exists():
+        stale = dest.with_name(f".{dest.name}.stale.tmp")
+        dest.rename(stale)
+    os.replace(tmp, dest)
+    if stale is not None:
+        shutil.rmtree(stale, ignore_errors=True)

@@ -1,0 +1,14 @@
+"""Error types of the data layer, so callers can tell missing data from malformed data."""
+
+from __future__ import annotations
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The dataset (or one of its splits) is not where the configuration says, and cannot be fetched.
+
+    The message names the expected location and the datamodule option to change.
+    """
+
+
+class DatasetFormatError(ValueError):
+    """The dataset exists but its layout or content is not what the datamodule expects."""

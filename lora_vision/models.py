@@ -1,0 +1,99 @@
+"""Backbones: timm models by name, with pretrained weights from the hub or from a local file."""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import timm
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+class ModelConfigError(ValueError):
+    """A `model.*` setting is invalid; the message names the key, the bad value and what is valid."""
+
+
+class PretrainedWeightsUnavailable(RuntimeError):
+    """Pretrained weights could not be fetched (no network, unknown tag, ...); the message shows the fix."""
+
+
+def _check_name(name: str) -> None:
+    if timm.is_model(name):
+        return
+    # Compare against architectures and architecture.tag names, so a typo in either part finds its match.
+    candidates = timm.list_models() + timm.list_pretrained()
+    close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.6)
+    hint = f"close matches: {', '.join(close)}" if close else "list them with timm.list_models('*pattern*')"
+    raise ModelConfigError(f"model.name={name!r} is not a timm model; {hint}")
+
+
+def _checkpoint_overlay(checkpoint: str | Path) -> dict[str, str]:
+    path = Path(checkpoint).expanduser()
+    if not path.is_file():
+        raise ModelConfigError(
+            f"model.checkpoint={str(checkpoint)!r} does not exist or is not a file; "
+            "give a .safetensors or torch (.pth/.bin) state dict of the same architecture"
+        )
+    return {"file": str(path.resolve())}
+
+
+def build_model(
+    name: str,
+    num_classes: int,
+    pretrained: bool = True,
+    checkpoint: str | Path | None = None,
+    kwargs: Mapping[str, Any] | None = None,
+    zero_init_head: bool = True,
+) -> nn.Module:
+    """`timm.create_model(name, pretrained, num_classes, **kwargs)`, with local weights when `checkpoint` is set.
+
+    A checkpoint (safetensors or torch state dict) is loaded through timm's own pretrained path
+    (`pretrained_cfg_overlay=dict(file=...)`), so timm still adapts it: a new head for `num_classes`,
+    position embeddings resampled for another `img_size`, input-channel changes.
+
+    With `zero_init_head`, a head that pretrained weights do not provide starts at zero. timm's EfficientNet
+    heads start uniform in +-1/sqrt(num_classes), which on 1280-d features gives initial logits in the tens
+    and a loss of 6-10 that a linear probe spends its whole budget undoing; a zero head starts at log(classes).
+    """
+    _check_name(name)
+    create_kwargs = dict(kwargs or {})
+    if checkpoint is not None:
+        create_kwargs["pretrained_cfg_overlay"] = _checkpoint_overlay(checkpoint)
+        pretrained = True
+    try:
+        model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **create_kwargs)
+    except OSError as err:
+        # Hub and URL downloads surface as OSError subclasses (LocalEntryNotFoundError, URLError, ...).
+        if not pretrained or checkpoint is not None:
+            raise
+        raise PretrainedWeightsUnavailable(
+            f"could not download pretrained weights for {name!r} ({type(err).__name__}: {err}). "
+            f"Pass a local file instead: model.checkpoint=/path/to/weights.safetensors, or train from "
+            f"scratch with model.pretrained=false. On machines without network, set HF_HUB_OFFLINE=1 so "
+            f"the hub cache is used without retrying downloads."
+        ) from err
+    if zero_init_head and pretrained and num_classes != model.pretrained_cfg.get("num_classes"):
+        head = model.get_classifier()
+        for param in head.parameters():
+            nn.init.zeros_(param)
+    source = checkpoint if checkpoint is not None else ("timm pretrained" if pretrained else "random init")
+    log.info("built %s (%s) with %d classes", name, source, num_classes)
+    return model
+
+
+def model_data_config(model: nn.Module, image_size: int, crop_pct: float | None = None) -> dict[str, Any]:
+    """The model's timm data config with the input size this run actually uses.
+
+    `timm.data.resolve_model_data_config` reports the pretrained config's input size (224 for a ViT built with
+    `img_size=32`), so `input_size` is always replaced by `image_size`; `crop_pct` is replaced when given.
+    """
+    config = timm.data.resolve_model_data_config(model)
+    config["input_size"] = (config["input_size"][0], image_size, image_size)
+    if crop_pct is not None:
+        config["crop_pct"] = crop_pct
+    return config

@@ -1,0 +1,216 @@
+"""Training entry point: `python -m lora_vision.train +exp=vit_r8` (Hydra; see conf/train.yaml).
+
+One run: check the config, build the backbone, apply the method (LoRA or a baseline), fit, test the best
+checkpoint, and write `results.json` into the run directory. The returned best validation top-1 accuracy is
+the objective of Hydra sweepers (e.g. Optuna).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from lora_vision.callbacks import TrainThroughput
+from lora_vision.config_checks import ConfigError, check_config
+from lora_vision.models import build_model, model_data_config
+from lora_vision.module import Classifier
+from lora_vision.results import RESULTS_FILE, finite_or_none, git_state, versions, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+# Keys of the `data` group that describe the model input rather than the datamodule; they reach the
+# datamodule through its `data_config`.
+INPUT_KEYS = ("image_size", "crop_pct")
+
+
+def instantiate_validated(cfg: DictConfig) -> Any:
+    """`instantiate(cfg)` for classes whose constructors validate their options.
+
+    Hydra wraps constructor errors in its own exception; the constructor's ValueError already names the key,
+    the bad value and the valid ones, so it is raised as is.
+    """
+    try:
+        return instantiate(cfg, _convert_="all")
+    except InstantiationException as err:
+        if isinstance(err.__cause__, ValueError):
+            raise err.__cause__ from None
+        raise
+
+
+def build_method(lora_cfg: DictConfig) -> Any:
+    """The fine-tuning method of the `lora` group (LoRA, LinearProbe or FullFineTune)."""
+    return instantiate_validated(lora_cfg)
+
+
+def build_datamodule(data_cfg: DictConfig) -> L.LightningDataModule:
+    """The datamodule of the `data` group, without its input-size keys (they go into `data_config` later)."""
+    options = {key: value for key, value in data_cfg.items() if key not in INPUT_KEYS}
+    return instantiate_validated(OmegaConf.create(options))
+
+
+def with_debug_overlay(cfg: DictConfig) -> DictConfig:
+    """`cfg` with the `debug` group's settings merged over everything else.
+
+    `+exp=NAME` is appended to the defaults list after `debug`, so a debug option composed at the top level would
+    lose to the experiment's own values (its max_epochs, say). Merging here makes debug settings win in any order.
+    Struct mode is lifted for the merge only: debug may add Trainer arguments the base config does not list
+    (fast_dev_run, overfit_batches).
+    """
+    overlay = cfg.get("debug")
+    if not overlay:
+        return cfg
+    OmegaConf.set_struct(cfg, False)
+    merged = OmegaConf.merge(cfg, overlay)
+    OmegaConf.set_struct(cfg, True)
+    OmegaConf.set_struct(merged, True)
+    return merged
+
+
+def instantiate_all(group: DictConfig | None) -> list[Any]:
+    """Instantiate every `_target_` entry of a logger or callback group (none when the group is null)."""
+    if not group:
+        return []
+    return [instantiate(entry, _convert_="all") for entry in group.values() if "_target_" in entry]
+
+
+def check_num_classes(model_classes: int, data_classes: int, model_name: str, data_target: str) -> None:
+    if model_classes != data_classes:
+        raise ConfigError(
+            f"model.num_classes={model_classes} does not match the {data_classes} classes of the data "
+            f"({data_target}); set model.num_classes=null to size the {model_name} head from the data"
+        )
+
+
+def log_config(loggers: list[Logger], cfg: DictConfig) -> None:
+    """Send the resolved experiment config to every logger (W&B config, hparams.yaml, TensorBoard hparams)."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    keys = ("exp_name", "seed", "model", "lora", "data", "optim", "module", "trainer")
+    params = {key: resolved.get(key) for key in keys}
+    for logger in loggers:
+        logger.log_hyperparams(params)
+
+
+def finish_wandb(loggers: list[Logger], record: dict[str, Any]) -> None:
+    """Put the run record into the W&B run summary and close the run.
+
+    Closing matters in multirun: jobs share one process, and an open W&B run would swallow the next job's logs.
+    """
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.summary.update({k: v for k, v in record.items() if not isinstance(v, dict | list)})
+            logger.experiment.finish()
+
+
+def base_record(cfg: DictConfig, method: Any, summary: Any, num_classes: int) -> dict[str, Any]:
+    """What the run is and what it trains, known before training starts."""
+    return {
+        "experiment": cfg.exp_name,
+        "model": cfg.model.name,
+        **method.describe(),
+        "data": cfg.data._target_.rsplit(".", 1)[-1],
+        "image_size": cfg.data.image_size,
+        "num_classes": num_classes,
+        "trainable_params": summary.trainable,
+        "total_params": summary.total,
+        "trainable_percent": summary.trainable_percent,
+        "adapter_params": summary.adapter_params,
+        "seed": cfg.seed,
+        "lr": cfg.optim.lr,
+        "batch_size": cfg.data.batch_size,
+        "max_epochs": cfg.trainer.max_epochs,
+        "versions": versions(),
+        **git_state(),
+        "output_dir": str(cfg.paths.output_dir),
+        "status": "running",
+    }
+
+
+def fit_and_test(
+    cfg: DictConfig, trainer: L.Trainer, module: Classifier, datamodule: L.LightningDataModule
+) -> dict[str, Any]:
+    """Fit, then test the best checkpoint; return the outcome fields of the run record."""
+    throughput = next(c for c in trainer.callbacks if isinstance(c, TrainThroughput))
+    trainer.fit(module, datamodule=datamodule)
+    checkpoint = trainer.checkpoint_callback
+    best_path = checkpoint.best_model_path if checkpoint is not None else ""
+    test_metrics: dict[str, Any] = {}
+    if cfg.test:
+        # Without a best checkpoint (checkpointing off, fast_dev_run) the final weights are tested.
+        test_metrics = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None)[0]
+    return {
+        "best_val_acc1": finite_or_none(checkpoint.best_model_score if checkpoint is not None else None),
+        "test_acc1": finite_or_none(test_metrics.get("test/acc1")),
+        "test_acc5": finite_or_none(test_metrics.get("test/acc5")),
+        "test_loss": finite_or_none(test_metrics.get("test/loss")),
+        "epochs": trainer.current_epoch,
+        "steps": trainer.global_step,
+        "best_checkpoint": best_path or None,
+        "train_images_per_s": throughput.images_per_second,
+    }
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train and test one configuration; return the record written to `<run dir>/results.json`."""
+    started = time.perf_counter()
+    cfg = with_debug_overlay(cfg)
+    check_config(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    method = build_method(cfg.lora)
+    datamodule = build_datamodule(cfg.data)
+    num_classes = cfg.model.num_classes or datamodule.num_classes
+    check_num_classes(num_classes, datamodule.num_classes, cfg.model.name, cfg.data._target_)
+    model = build_model(
+        cfg.model.name,
+        num_classes=num_classes,
+        pretrained=cfg.model.pretrained,
+        checkpoint=cfg.model.checkpoint,
+        kwargs=OmegaConf.to_container(cfg.model.kwargs, resolve=True),
+        zero_init_head=cfg.model.zero_init_head,
+    )
+    summary = method.apply(model)
+    datamodule.data_config = model_data_config(model, cfg.data.image_size, cfg.data.crop_pct)
+    module = Classifier(
+        model,
+        num_classes,
+        **OmegaConf.to_container(cfg.optim, resolve=True),
+        **OmegaConf.to_container(cfg.module, resolve=True),
+        param_summary=summary,
+    )
+    record = base_record(cfg, method, summary, num_classes)
+    results_path = Path(cfg.paths.output_dir) / RESULTS_FILE
+
+    loggers = instantiate_all(cfg.get("logger"))
+    callbacks = [*instantiate_all(cfg.get("callbacks")), TrainThroughput()]
+    try:
+        trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+        log_config(loggers, cfg)
+        record |= fit_and_test(cfg, trainer, module, datamodule)
+        record |= {"wall_time_s": time.perf_counter() - started, "status": "completed"}
+    except BaseException as err:
+        record |= {"status": "failed", "error": f"{type(err).__name__}: {err}"}
+        raise
+    finally:
+        if rank_zero_only.rank == 0:
+            write_json_atomic(results_path, record)
+        finish_wandb(loggers, record)
+    log.info("results: %s", results_path)
+    return record
+
+
+@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    return run(cfg)["best_val_acc1"]
+
+
+if __name__ == "__main__":
+    main()

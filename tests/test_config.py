@@ -1,0 +1,203 @@
+"""The Hydra config tree: every experiment and group option composes, resolves and passes the value checks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from lora_vision.config_checks import ConfigError, check_config
+from lora_vision.data import DatasetNotFoundError
+from lora_vision.lora import LoRAConfigError
+from lora_vision.train import build_datamodule, build_method, instantiate_all, with_debug_overlay
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+EXPERIMENTS = sorted(p.stem for p in (CONF / "exp").glob("*.yaml"))
+# Groups whose options each select one config (debug options are global overlays, tested separately).
+GROUPS = ("model", "lora", "data", "trainer", "logger", "callbacks", "paths", "hydra")
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@contextmanager
+def composed(*overrides: str, output_dir: str | Path = "unused-output-dir") -> Iterator[DictConfig]:
+    """The run config for `overrides`, as `python -m lora_vision.train` would compose it.
+
+    The Hydra node is registered as the current HydraConfig (so `${hydra:...}` interpolations resolve) and then
+    dropped, as `@hydra.main` does; `paths.output_dir` points at `output_dir`.
+    """
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[*overrides, f"paths.output_dir={output_dir}"], return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        with_hydra = cfg.copy()
+        OmegaConf.set_struct(cfg, False)
+        del cfg.hydra
+        OmegaConf.set_struct(cfg, True)
+        yield cfg
+        # Run and sweep directories must resolve too.
+        OmegaConf.to_container(with_hydra.hydra.run, resolve=True)
+        OmegaConf.select(with_hydra, "hydra.sweep.dir")
+
+
+@pytest.mark.parametrize("exp", EXPERIMENTS)
+def test_every_experiment_composes_resolves_and_passes_checks(exp: str) -> None:
+    with composed(f"+exp={exp}") as cfg:
+        OmegaConf.resolve(cfg)
+        check_config(cfg)
+        assert cfg.exp_name == exp
+        method = instantiate(cfg.lora)
+        assert method.name in ("lora", "linear_probe", "full")
+
+
+@pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in group_options(g)])
+def test_every_group_option_composes(group: str, option: str) -> None:
+    with composed(f"{group}={option}") as cfg:
+        OmegaConf.resolve(cfg)
+        check_config(cfg)
+
+
+@pytest.mark.parametrize("option", group_options("debug"))
+@pytest.mark.parametrize("order", ["exp first", "debug first"])
+def test_debug_overlays_win_over_the_experiment(option: str, order: str) -> None:
+    overrides = ["+exp=vit_r8", f"debug={option}"]
+    with composed(*(overrides if order == "exp first" else overrides[::-1])) as cfg:
+        cfg = with_debug_overlay(cfg)
+        assert cfg.data.num_workers == 0
+        assert cfg.trainer.accelerator == "cpu"  # vit_r8 itself asks for a GPU
+        if option == "limit":
+            assert cfg.trainer.max_epochs == 2  # vit_r8 itself trains 10 epochs
+        check_config(cfg)
+
+
+@pytest.mark.parametrize("option", group_options("lora"))
+def test_methods_instantiate(option: str) -> None:
+    with composed(f"lora={option}") as cfg:
+        method = instantiate(cfg.lora)
+        assert set(method.describe()) >= {"method", "rank", "alpha", "targets", "blocks"}
+
+
+@pytest.mark.parametrize("option", [o for o in group_options("data") if o not in ("synthetic", "image_folder")])
+def test_datamodules_construct_without_touching_disk(option: str, tmp_path: Path) -> None:
+    with composed(f"data={option}", f"paths.data_dir={tmp_path}") as cfg:
+        datamodule = build_datamodule(cfg.data)
+    assert datamodule.num_classes >= 10
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_image_folder_says_which_key_to_set(tmp_path: Path) -> None:
+    with composed("data=image_folder", f"paths.data_dir={tmp_path}") as cfg:
+        datamodule = build_datamodule(cfg.data)
+    with pytest.raises(DatasetNotFoundError, match=r"data\.root="):
+        _ = datamodule.num_classes
+
+
+def test_loggers_and_callbacks_instantiate(tmp_path: Path) -> None:
+    with composed("logger=[csv,wandb]", "callbacks=[default,early_stopping]", output_dir=tmp_path) as cfg:
+        loggers = instantiate_all(cfg.logger)
+        callbacks = instantiate_all(cfg.callbacks)
+    assert {type(x).__name__ for x in loggers} == {"CSVLogger", "WandbLogger"}
+    assert {type(x).__name__ for x in callbacks} == {"ModelCheckpoint", "LearningRateMonitor", "EarlyStopping"}
+
+
+def test_wandb_is_offline_unless_configured(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    with composed("logger=wandb") as cfg:
+        assert cfg.logger.wandb.mode == "offline"
+        assert cfg.logger.wandb.name == cfg.logger.wandb.group == cfg.exp_name
+    monkeypatch.setenv("WANDB_MODE", "online")
+    with composed("logger=wandb") as cfg:
+        assert cfg.logger.wandb.mode == "online"
+
+
+def test_rank_variants_differ_from_vit_r8_only_in_rank_and_name() -> None:
+    def plain(exp: str) -> dict:
+        with composed(f"+exp={exp}") as cfg:
+            return OmegaConf.to_container(cfg, resolve=True)
+
+    base = plain("vit_r8")
+    assert base["model"]["name"] == "vit_base_patch16_224.augreg_in21k"
+    assert base["lora"]["rank"] == 8 and base["lora"]["targets"] == ["qv"]
+    assert base["data"]["_target_"].endswith("CIFAR100DataModule") and base["data"]["image_size"] == 224
+    for rank in (4, 16):
+        variant = plain(f"vit_r{rank}")
+        assert variant["lora"].pop("rank") == rank
+        assert variant.pop("exp_name") == f"vit_r{rank}"
+        expected = {k: v for k, v in base.items() if k != "exp_name"}
+        expected["lora"] = {k: v for k, v in base["lora"].items() if k != "rank"}
+        assert variant == expected
+
+
+def test_image_size_is_the_single_source_of_the_input_size() -> None:
+    with composed("+exp=vit_r8", "data.image_size=384") as cfg:
+        assert cfg.model.kwargs.img_size == 384
+
+
+def test_sweepable_keys_are_plain_overrides() -> None:
+    overrides = [
+        "lora.rank=2",
+        "lora.alpha=4",
+        "lora.dropout=0.1",
+        "lora.targets=[qkv,mlp]",
+        "lora.blocks=-4:",
+        "optim.lr=0.01",
+        "optim.weight_decay=0.05",
+        "trainer.max_epochs=3",
+        "data.batch_size=16",
+        "data.image_size=64",
+        "seed=7",
+    ]
+    with composed("+exp=vit_r8", *overrides) as cfg:
+        check_config(cfg)
+        method = instantiate(cfg.lora)
+    assert method.describe()["targets"] == ["qkv", "mlp"]
+    assert method.describe()["blocks"] == "-4:"
+
+
+def test_unknown_key_fails_in_composition() -> None:
+    with pytest.raises(ConfigCompositionException, match="rnk"), composed("+exp=smoke", "lora.rnk=4"):
+        pass
+
+
+def test_unknown_group_option_lists_the_valid_ones() -> None:
+    with pytest.raises(ConfigCompositionException, match="vit_b16"), composed("model=vit_b61"):
+        pass
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("optim.lr=-0.1", "optim.lr=-0.1 is invalid: expected a number > 0"),
+        ("optim.lr=fast", "optim.lr='fast' is invalid"),
+        ("data.image_size=0", "data.image_size=0 is invalid"),
+        ("data.batch_size=2.5", "data.batch_size=2.5 is invalid: expected an integer > 0"),
+        ("module.label_smoothing=1.5", "module.label_smoothing=1.5 is invalid: expected a number in [0, 1)"),
+        ("optim.warmup_epochs=5", "must be shorter than trainer.max_epochs=2"),
+        ("seed=-1", "seed=-1 is invalid"),
+    ],
+)
+def test_invalid_values_name_key_value_and_valid_range(override: str, fragment: str) -> None:
+    with composed("+exp=smoke", override) as cfg, pytest.raises(ConfigError) as err:
+        check_config(cfg)
+    assert fragment in str(err.value)
+
+
+def test_invalid_lora_values_fail_when_the_method_is_built() -> None:
+    with composed("+exp=smoke", "lora.rank=0") as cfg, pytest.raises(LoRAConfigError, match="rank must be"):
+        build_method(cfg.lora)
+
+
+def test_configs_hold_no_machine_paths() -> None:
+    for path in CONF.rglob("*.yaml"):
+        text = path.read_text()
+        for forbidden in ("/work/", "/home/", "../shared", "shared/data", "shared/weights"):
+            code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+            assert forbidden not in code, f"{path} refers to {forbidden}"

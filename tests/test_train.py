@@ -1,0 +1,109 @@
+"""The training entry point end to end: `python -m lora_vision.train +exp=smoke`, reruns and early failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lora_vision.config_checks import ConfigError
+from lora_vision.train import run
+from tests.test_config import composed
+
+ROOT = Path(__file__).resolve().parents[1]
+
+RECORD_KEYS = {
+    "experiment", "model", "method", "rank", "alpha", "targets", "blocks", "trainable_params", "total_params",
+    "trainable_percent", "best_val_acc1", "test_acc1", "test_acc5", "epochs", "wall_time_s", "train_images_per_s",
+    "seed", "versions", "git_commit", "status",
+}  # fmt: skip
+# Fields that measure the machine or name the run directory rather than the training outcome.
+RUN_SPECIFIC = {"wall_time_s", "train_images_per_s", "output_dir", "best_checkpoint", "git_dirty"}
+
+
+def train(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    return subprocess.run(
+        [sys.executable, "-m", "lora_vision.train", *overrides, f"hydra.run.dir={run_dir}"],
+        cwd=run_dir.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """The same smoke command, run twice."""
+    base = tmp_path_factory.mktemp("smoke")
+    runs = [base / "first", base / "second"]
+    for run_dir in runs:
+        done = train(run_dir, "+exp=smoke")
+        assert done.returncode == 0, done.stderr[-3000:]
+    return runs
+
+
+def test_smoke_run_writes_a_complete_record(smoke_runs: list[Path]) -> None:
+    run_dir = smoke_runs[0]
+    record = json.loads((run_dir / "results.json").read_text())
+    assert set(record) >= RECORD_KEYS
+    assert record["status"] == "completed"
+    assert record["experiment"] == "smoke" and record["method"] == "lora" and record["rank"] == 4
+    assert record["targets"] == ["qv"] and record["epochs"] == 2
+    assert 0 < record["trainable_params"] < record["total_params"]
+    assert record["trainable_percent"] == pytest.approx(100 * record["trainable_params"] / record["total_params"])
+    # The synthetic classes are learnable: well above the 25% of chance after two epochs.
+    assert record["best_val_acc1"] > 0.5 and record["test_acc1"] > 0.5
+    assert record["test_acc5"] == 1.0  # top-5 of 4 classes
+    assert record["wall_time_s"] > 0 and record["train_images_per_s"] > 0
+    assert set(record["versions"]) >= {"python", "torch", "timm", "lightning"}
+    assert not list(run_dir.glob(".results.json.*"))  # no temporary file left behind
+
+
+def test_smoke_run_directory_holds_config_metrics_and_checkpoints(smoke_runs: list[Path]) -> None:
+    run_dir = smoke_runs[0]
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert (run_dir / "csv" / "metrics.csv").is_file()
+    checkpoints = {p.name for p in (run_dir / "checkpoints").iterdir()}
+    assert "last.ckpt" in checkpoints and len(checkpoints) == 2
+    assert "parameter budget" in (run_dir / "train.log").read_text()
+
+
+def test_same_command_twice_gives_identical_metrics(smoke_runs: list[Path]) -> None:
+    first, second = (json.loads((d / "results.json").read_text()) for d in smoke_runs)
+    for record in (first, second):
+        for key in RUN_SPECIFIC:
+            record.pop(key, None)
+    assert first == second
+    metrics = [(d / "csv" / "metrics.csv").read_text() for d in smoke_runs]
+    assert metrics[0] == metrics[1]
+
+
+def test_unknown_key_fails_before_training(tmp_path: Path) -> None:
+    done = train(tmp_path / "run", "+exp=smoke", "optim.learning_rate=0.1")
+    assert done.returncode != 0
+    assert "learning_rate" in done.stderr and "not in struct" in done.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "error", "message"),
+    [
+        ("optim.lr=0", ConfigError, "optim.lr=0 is invalid: expected a number > 0"),
+        ("lora.dropout=1.5", ValueError, "dropout must be in [0, 1)"),
+        ("lora.targets=[nothing_matches_this]", ValueError, "nothing_matches_this"),
+        ("model.num_classes=7", ConfigError, "model.num_classes=7 does not match the 4 classes"),
+        ("model.name=vit_tiny_patch16_22", ValueError, "vit_tiny_patch16_224"),
+        ("model.checkpoint=missing.safetensors", ValueError, "model.checkpoint='missing.safetensors' does not exist"),
+    ],
+)
+def test_invalid_values_fail_before_training(override: str, error: type, message: str, tmp_path: Path) -> None:
+    with composed("+exp=smoke", override, output_dir=tmp_path) as cfg, pytest.raises(error) as err:
+        run(cfg)
+    assert message in str(err.value)
+    assert list(tmp_path.iterdir()) == []
