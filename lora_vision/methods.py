@@ -60,17 +60,29 @@ class LoRA:
 
 
 class _Baseline:
+    """A method without adapters.
+
+    It accepts the LoRA settings an experiment carries and ignores them, so `+exp=vit_r8 lora=linear_probe`
+    works: Hydra merges the experiment's `lora.rank`, `lora.targets`, ... into whichever `lora` option is
+    chosen. Any other key is still an error.
+    """
+
     name: str
 
+    def __init__(
+        self,
+        rank: int | None = None,
+        alpha: float | None = None,
+        dropout: float | None = None,
+        targets: str | Sequence[str] | None = None,
+        blocks: int | str | Sequence[int] | None = None,
+        train_head: bool = True,
+    ) -> None:
+        if not train_head:
+            raise LoRAConfigError(f"lora.train_head=false leaves nothing to train for the {self.name} baseline")
+
     def describe(self) -> dict[str, Any]:
-        return {
-            "method": self.name,
-            "rank": None,
-            "alpha": None,
-            "dropout": None,
-            "targets": None,
-            "blocks": None,
-        }
+        return {"method": self.name, "rank": None, "alpha": None, "dropout": None, "targets": None, "blocks": None}
 
 
 class LinearProbe(_Baseline):

@@ -78,6 +78,14 @@ def test_debug_overlays_win_over_the_experiment(option: str, order: str) -> None
         check_config(cfg)
 
 
+@pytest.mark.parametrize("exp", EXPERIMENTS)
+@pytest.mark.parametrize("option", group_options("lora"))
+def test_every_method_runs_with_every_experiment(exp: str, option: str) -> None:
+    # Experiments set lora.rank/targets; a baseline chosen on top of one must still instantiate.
+    with composed(f"+exp={exp}", f"lora={option}") as cfg:
+        assert instantiate(cfg.lora).name == {"lora": "lora", "linear_probe": "linear_probe", "full": "full"}[option]
+
+
 @pytest.mark.parametrize("option", group_options("lora"))
 def test_methods_instantiate(option: str) -> None:
     with composed(f"lora={option}") as cfg:

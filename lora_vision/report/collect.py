@@ -1,0 +1,151 @@
+"""Reading run records and aggregating repeated seeds into one row per configuration."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lora_vision.results import RESULTS_FILE
+
+# The order a reader expects: the cheapest baseline, the adapters, then the most expensive baseline.
+METHOD_ORDER = {"linear_probe": 0, "lora": 1, "full": 2}
+
+# Fields that describe what was run. Runs equal in all of them except the seed form one row.
+CONFIG_FIELDS = (
+    "experiment",
+    "model",
+    "data",
+    "image_size",
+    "method",
+    "targets",
+    "blocks",
+    "rank",
+    "alpha",
+    "dropout",
+    "lr",
+    "batch_size",
+    "max_epochs",
+)
+METRICS = ("best_val_acc1", "test_acc1", "test_acc5", "wall_time_s", "trainable_params", "trainable_percent")
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Mean and sample standard deviation of one metric over a configuration's successful runs."""
+
+    mean: float | None
+    std: float | None
+    n: int
+
+    @classmethod
+    def of(cls, values: Iterable[float | None]) -> Stat:
+        finite = [v for v in values if v is not None and math.isfinite(v)]
+        if not finite:
+            return cls(None, None, 0)
+        return cls(statistics.fmean(finite), statistics.stdev(finite) if len(finite) > 1 else None, len(finite))
+
+
+@dataclass
+class Row:
+    """One configuration: its settings, the aggregated metrics and what went wrong in failed runs."""
+
+    config: dict[str, Any]
+    metrics: dict[str, Stat]
+    runs: int
+    seeds: list[Any]
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.metrics["test_acc1"].n > 0 or self.metrics["best_val_acc1"].n > 0
+
+    @property
+    def label(self) -> str:
+        """The series a row belongs to in the plot: method and target set."""
+        c = self.config
+        if c["method"] != "lora":
+            return {"linear_probe": "linear probe", "full": "full fine-tuning"}.get(c["method"], str(c["method"]))
+        blocks = f", blocks {c['blocks']}" if c.get("blocks") not in (None, "") else ""
+        return f"LoRA {c['targets']}{blocks}"
+
+
+def _text(value: Any) -> Any:
+    # Lists (targets, blocks) become stable strings so they can be compared, grouped and printed.
+    return "+".join(map(str, value)) if isinstance(value, list) else value
+
+
+def find_results(paths: Sequence[str | Path]) -> list[Path]:
+    """Every results.json at or below the given run / multirun directories, in a stable order."""
+    found: set[Path] = set()
+    for raw in paths:
+        path = Path(raw)
+        if path.is_file():
+            found.add(path)
+        elif path.is_dir():
+            found.update(path.rglob(RESULTS_FILE))
+        else:
+            raise FileNotFoundError(f"{path} does not exist; pass run or multirun directories that hold {RESULTS_FILE}")
+    return sorted(found)
+
+
+def load_records(files: Iterable[Path]) -> list[dict[str, Any]]:
+    records = []
+    for path in files:
+        try:
+            record = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON ({err}); was the run killed while writing it?") from None
+        records.append({**record, "_path": str(path)})
+    return records
+
+
+def _sort_key(row: Row) -> tuple:
+    c = row.config
+    return (
+        str(c.get("experiment")),
+        str(c.get("model")),
+        METHOD_ORDER.get(c.get("method"), 9),
+        str(c.get("targets")),
+        str(c.get("blocks")),
+        c.get("rank") or 0,
+        tuple(str(c.get(k)) for k in CONFIG_FIELDS),
+    )
+
+
+def aggregate(records: Iterable[dict[str, Any]]) -> list[Row]:
+    """Group records by configuration; metrics are averaged over the runs that completed."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for record in records:
+        key = tuple(_text(record.get(f)) for f in CONFIG_FIELDS)
+        groups.setdefault(key, []).append(record)
+    rows = []
+    for key, members in groups.items():
+        done = [r for r in members if r.get("status") == "completed"]
+        rows.append(
+            Row(
+                config=dict(zip(CONFIG_FIELDS, key, strict=True)),
+                metrics={m: Stat.of(r.get(m) for r in done) for m in METRICS},
+                runs=len(members),
+                seeds=sorted((r.get("seed") for r in members), key=str),
+                failures=[
+                    f"{r.get('_path') or r.get('output_dir')}: {r.get('error') or r.get('status')}"
+                    for r in members
+                    if r.get("status") != "completed"
+                ],
+            )
+        )
+    return sorted(rows, key=_sort_key)
+
+
+def pareto_front(points: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points not beaten by any point that has at most as many parameters and higher accuracy."""
+    front: list[tuple[float, float]] = []
+    for params, acc in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not front or acc > front[-1][1]:
+            front.append((params, acc))
+    return front

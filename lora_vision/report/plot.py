@@ -1,0 +1,78 @@
+"""Test accuracy against trainable parameters: the picture every LoRA ablation is about."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # reports are written on headless machines (clusters, CI)
+import matplotlib.pyplot as plt
+
+from lora_vision.report.collect import Row, pareto_front
+from lora_vision.results import write_atomic
+
+BASELINE_STYLE = {
+    "linear probe": dict(marker="s", color="black", markersize=8),
+    "full fine-tuning": dict(marker="*", color="tab:red", markersize=13),
+}
+
+
+def _point(row: Row) -> tuple[float, float, float] | None:
+    params, acc = row.metrics["trainable_params"], row.metrics["test_acc1"]
+    if params.mean is None or acc.mean is None:
+        return None
+    return params.mean, 100 * acc.mean, 100 * (acc.std or 0.0)
+
+
+def plot(rows: list[Row], path: Path, title: str | None = None) -> Path:
+    """Write the accuracy-vs-parameters PNG; each LoRA target set is one line, its points labelled by rank."""
+    fig, ax = plt.subplots(figsize=(8.5, 5.2), dpi=150)
+    models = {row.config.get("model") for row in rows}
+    series: dict[str, list[tuple[Row, tuple[float, float, float]]]] = {}
+    for row in rows:
+        point = _point(row)
+        if point is not None:
+            label = row.label if len(models) == 1 else f"{row.config.get('model')}: {row.label}"
+            series.setdefault(label, []).append((row, point))
+    lora_series = 0
+    for label, members in series.items():
+        members.sort(key=lambda m: m[1][0])
+        xs, ys, errs = zip(*(p for _, p in members), strict=True)
+        style = next((s for name, s in BASELINE_STYLE.items() if label.endswith(name)), None)
+        if style is not None:
+            ax.errorbar(xs, ys, yerr=errs, linestyle="none", label=label, capsize=3, **style)
+            continue
+        line = ax.errorbar(xs, ys, yerr=errs, marker="o", markersize=5, capsize=3, label=label)
+        lora_series += 1
+        for row, (x, y, _) in members:
+            ax.annotate(
+                f"r={row.config.get('rank')}",
+                (x, y),
+                textcoords="offset points",
+                # Alternate series put their labels below and above the points, so neighbours do not collide.
+                xytext=(4, -11) if lora_series % 2 else (-8, 7),
+                fontsize=7,
+                color=line[0].get_color(),
+            )
+    front = pareto_front((x, y) for members in series.values() for _, (x, y, _) in members)
+    if len(front) > 1:
+        fx, fy = zip(*front, strict=True)
+        ax.step(fx, fy, where="post", color="0.55", linestyle="--", linewidth=1, zorder=0, label="Pareto frontier")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (count, log scale)")
+    ax.set_ylabel("test top-1 accuracy (%)")
+    ax.grid(True, which="major", alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=11)
+    if series:
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    else:
+        ax.text(0.5, 0.5, "no completed runs", transform=ax.transAxes, ha="center")
+    fig.tight_layout()
+    png = io.BytesIO()
+    # No timestamp or version in the file: the same rows give byte-identical PNGs.
+    fig.savefig(png, format="png", metadata={"Software": None})
+    plt.close(fig)
+    return write_atomic(path, png.getvalue())
