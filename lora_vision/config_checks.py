@@ -73,6 +73,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "trainer.accumulate_grad_batches": (_positive_int, "an integer > 0"),
     "trainer.gradient_clip_val": (_optional(_positive), "null or a number > 0"),
     "model.num_classes": (_optional(_positive_int), "null (from the data) or an integer > 0"),
+    "objective.param_penalty": (_non_negative, "a number >= 0 (accuracy per tenfold increase in parameters)"),
 }
 
 

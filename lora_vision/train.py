@@ -1,22 +1,27 @@
 """Training entry point: `python -m lora_vision.train +exp=vit_r8` (Hydra; see conf/train.yaml).
 
 One run: check the config, build the backbone, apply the method (LoRA or a baseline), fit, test the best
-checkpoint, and write `results.json` into the run directory. The returned best validation top-1 accuracy is
-the objective of Hydra sweepers (e.g. Optuna).
+checkpoint, and write `results.json` into the run directory. The returned objective (best validation top-1
+accuracy, optionally penalised by the trainable parameter count; see `objective`) is what Hydra sweepers such as
+Optuna maximise.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.types import RunMode
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -91,6 +96,32 @@ def check_num_classes(model_classes: int, data_classes: int, model_name: str, da
         )
 
 
+def error_text(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}"
+
+
+def in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def check_launch_in_multirun(cfg: DictConfig, trainer: L.Trainer) -> None:
+    """Refuse, inside a Hydra multirun, a strategy that starts its other processes by re-running the command line.
+
+    Lightning's `ddp` re-runs `sys.argv` once per further device; inside a multirun that copy would run the whole
+    sweep again, in a sweep directory of its own (lightning-ai/pytorch-lightning#11300). Under SLURM the processes
+    come from SLURM instead, and nothing is re-run.
+    """
+    # Lightning has no public way to ask whether a strategy re-runs the script; its launcher class tells.
+    relaunches = isinstance(trainer.strategy.launcher, _SubprocessScriptLauncher) and trainer.num_devices > 1
+    if relaunches and in_multirun():
+        raise ConfigError(
+            f"trainer.strategy={cfg.trainer.get('strategy', 'auto')} with trainer.devices={cfg.trainer.devices} "
+            "re-runs the command line for each further device, which would repeat the whole sweep; run this "
+            "configuration without -m, or sweep it with hydra/launcher=slurm and hydra.launcher.tasks_per_node set "
+            "to the number of devices"
+        )
+
+
 def log_config(loggers: list[Logger], cfg: DictConfig) -> None:
     """Send the resolved experiment config to every logger (W&B config, hparams.yaml, TensorBoard hparams)."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -100,10 +131,12 @@ def log_config(loggers: list[Logger], cfg: DictConfig) -> None:
         logger.log_hyperparams(params)
 
 
+@rank_zero_only
 def finish_wandb(loggers: list[Logger], record: dict[str, Any]) -> None:
     """Put the run record into the W&B run summary and close the run.
 
     Closing matters in multirun: jobs share one process, and an open W&B run would swallow the next job's logs.
+    Rank zero only: under DDP the other ranks hold a placeholder experiment without a summary.
     """
     for logger in loggers:
         if isinstance(logger, WandbLogger):
@@ -193,11 +226,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     callbacks = [*instantiate_all(cfg.get("callbacks")), TrainThroughput()]
     try:
         trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+        check_launch_in_multirun(cfg, trainer)
         log_config(loggers, cfg)
         record |= fit_and_test(cfg, trainer, module, datamodule)
         record |= {"wall_time_s": time.perf_counter() - started, "status": "completed"}
     except BaseException as err:
-        record |= {"status": "failed", "error": f"{type(err).__name__}: {err}"}
+        record |= {"status": "failed", "error": error_text(err)}
         raise
     finally:
         if rank_zero_only.rank == 0:
@@ -207,9 +241,63 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return record
 
 
+def objective(record: dict[str, Any], param_penalty: float) -> float | None:
+    """The value sweepers maximise: `best_val_acc1 - param_penalty * log10(trainable_params)`.
+
+    log10, because parameter budgets span orders of magnitude (a rank-1 adapter trains thousands of parameters,
+    full fine-tuning ~1e8): `param_penalty` is the validation accuracy (a fraction) each tenfold increase must gain
+    to pay for itself. None when the run has no validation accuracy.
+    """
+    accuracy = record["best_val_acc1"]
+    if accuracy is None:
+        return None
+    return accuracy - param_penalty * math.log10(record["trainable_params"])
+
+
+def record_setup_failure(cfg: DictConfig, err: Exception) -> None:
+    """Write the failed record of a run that `run` stopped before it had one (a value rejected during set-up).
+
+    Without it a sweep's report would not show the failed point at all. The settings come from the config because
+    the method object may be what failed to build.
+    """
+    path = Path(cfg.paths.output_dir) / RESULTS_FILE
+    if path.exists() or rank_zero_only.rank != 0:
+        return
+    settings = OmegaConf.to_container(cfg.lora, resolve=True)
+    target = settings.pop("_target_")
+    record = {
+        "experiment": cfg.exp_name,
+        "model": cfg.model.name,
+        "method": get_class(target).name,
+        **settings,
+        "lr": cfg.optim.lr,
+        "seed": cfg.seed,
+        "overrides": list(HydraConfig.get().overrides.task),
+        "output_dir": str(cfg.paths.output_dir),
+        "status": "failed",
+        "error": error_text(err),
+    }
+    write_json_atomic(path, record)
+
+
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    return run(cfg)["best_val_acc1"]
+    """Run one job and return its objective.
+
+    In a multirun a failed job must not end the sweep: Hydra would re-raise its exception once the launched batch
+    ends, skipping the sweep report and exiting non-zero, and the Optuna sweeper would abort its study. Instead the
+    failure is logged with its traceback, its record says `failed`, and the job returns None, which the basic
+    sweeper ignores and the Optuna sweeper tells the study as a failed trial. A single run still raises, so its
+    exit code is non-zero.
+    """
+    try:
+        return objective(run(cfg), cfg.objective.param_penalty)
+    except Exception as err:
+        if not in_multirun():
+            raise
+        log.exception("job failed, the sweep goes on: %s", error_text(err))
+        record_setup_failure(cfg, err)
+        return None
 
 
 if __name__ == "__main__":

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -16,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from lora_vision.config_checks import ConfigError, check_config
 from lora_vision.data import DatasetNotFoundError
 from lora_vision.lora import LoRAConfigError
+from lora_vision.models import build_model
 from lora_vision.train import build_datamodule, build_method, instantiate_all, with_debug_overlay
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -209,3 +216,81 @@ def test_configs_hold_no_machine_paths() -> None:
         for forbidden in ("/work/", "/home/", "../shared", "shared/data", "shared/weights"):
             code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
             assert forbidden not in code, f"{path} refers to {forbidden}"
+
+
+# The experiment each named sweep is meant for (conf/sweep/*.yaml say so in their usage line).
+SWEEP_EXPERIMENTS = {
+    "rank": "vit_r8",
+    "vit_targets": "vit_r8",
+    "resnet_targets": "resnet50_conv",
+    "study": "vit_r8",
+    "optuna": "vit_r8",
+}
+
+
+def sweep_config(exp: str, sweep: str) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=[f"+exp={exp}", f"+sweep={sweep}"], return_hydra_config=True)
+
+
+def sweep_jobs(exp: str, sweep: str) -> list[list[str]]:
+    """The overrides of every job a basic-sweeper multirun of `sweep` launches, expanded by Hydra itself."""
+    params = sweep_config(exp, sweep).hydra.sweeper.params
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+        overrides = parser.parse_overrides([f"{key}={value}" for key, value in params.items()])
+        (jobs,) = BasicSweeper.split_arguments(overrides, max_batch_size=None)
+    return jobs
+
+
+@functools.cache
+def random_init_model(name: str, num_classes: int, image_size: int) -> torch.nn.Module:
+    kwargs = {"img_size": image_size} if name.startswith("vit") else {}
+    return build_model(name, num_classes=num_classes, pretrained=False, kwargs=kwargs)
+
+
+def test_every_sweep_is_tested_with_its_experiment() -> None:
+    assert sorted(SWEEP_EXPERIMENTS) == group_options("sweep")
+
+
+@pytest.mark.parametrize("sweep", [s for s in SWEEP_EXPERIMENTS if s != "optuna"])
+def test_every_job_of_a_named_sweep_composes_and_applies_to_its_model(sweep: str) -> None:
+    exp = SWEEP_EXPERIMENTS[sweep]
+    described = []
+    for job in sweep_jobs(exp, sweep):
+        # In the order of a launched job: the sweeper puts its own overrides before the command line's.
+        with composed(*job, f"+exp={exp}", f"+sweep={sweep}") as cfg:
+            OmegaConf.resolve(cfg)
+            check_config(cfg)
+            method = build_method(cfg.lora)
+            # The target presets must match layers of the experiment's backbone, not just parse (any head size will do).
+            model = copy.deepcopy(random_init_model(cfg.model.name, 100, cfg.data.image_size))
+            assert method.apply(model).trainable > 0
+            described.append(method.describe())
+    assert len({str(d) for d in described}) == len(described)  # each point once
+    if sweep == "study":
+        methods = [d["method"] for d in described]
+        assert methods.count("linear_probe") == methods.count("full") == 1
+        assert sorted(d["rank"] for d in described if d["method"] == "lora") == [1, 2, 4, 8, 16, 32]
+
+
+def test_optuna_sweep_maximises_with_a_seeded_sampler() -> None:
+    hydra_cfg = sweep_config("vit_r8", "optuna").hydra
+    assert hydra_cfg.sweeper._target_.endswith("OptunaSweeper")
+    assert hydra_cfg.sweeper.direction == "maximize"
+    assert hydra_cfg.sweeper.sampler._target_ == "optuna.samplers.TPESampler"
+    assert hydra_cfg.sweeper.sampler.seed is not None
+    assert set(hydra_cfg.sweeper.params) == {"optim.lr", "lora.rank", "lora.alpha", "lora.targets"}
+    with composed("+exp=vit_r8", "+sweep=optuna") as cfg:
+        assert cfg.objective.param_penalty == 0.0
+
+
+def test_slurm_launcher_composes() -> None:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=["+exp=vit_r8", "hydra/launcher=slurm"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher.gpus_per_node == launcher.tasks_per_node == 1
+    assert {"partition", "cpus_per_task", "mem_gb", "timeout_min", "array_parallelism", "signal_delay_s"} <= set(
+        launcher
+    )
