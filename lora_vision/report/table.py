@@ -38,7 +38,8 @@ def _cell(row: Row, field: str, kind: str) -> str:
         kind, (1, "{:.0f}")
     )
     text = fmt.format(stat.mean * scale)
-    return text if stat.std is None or kind == "count" else f"{text} ± {fmt.format(stat.std * scale)}"
+    # Parameter counts and shares are fixed by the configuration; only measured values get a spread.
+    return text if stat.std is None or kind in ("count", "percent") else f"{text} ± {fmt.format(stat.std * scale)}"
 
 
 def markdown(rows: list[Row]) -> str:
