@@ -42,6 +42,25 @@ def _checkpoint_overlay(checkpoint: str | Path) -> dict[str, str]:
     return {"file": str(path.resolve())}
 
 
+def _check_checkpoint_fits(model: nn.Module, checkpoint: str | Path) -> None:
+    """Refuse a checkpoint that lacks tensors of the backbone.
+
+    timm loads pretrained weights non-strictly whenever the model is adapted (new head, other img_size), and
+    only logs what it could not load, so weights of another architecture would silently leave the backbone at
+    random init. Shapes may differ (timm resamples position embeddings); names must all be there.
+    """
+    provided = timm.models.load_state_dict(str(checkpoint))
+    head = model.get_classifier()
+    head_keys = {f"{n}.{k}" for n, m in model.named_modules() if m is head for k in m.state_dict()}
+    missing = [k for k in model.state_dict() if k not in provided and k not in head_keys]
+    if missing:
+        raise ModelConfigError(
+            f"model.checkpoint={str(checkpoint)!r} does not fit {type(model).__name__} "
+            f"({len(missing)} of {len(model.state_dict())} tensors missing, e.g. {', '.join(missing[:4])}); "
+            "give weights of the same architecture as model.name"
+        )
+
+
 def build_model(
     name: str,
     num_classes: int,
@@ -77,6 +96,8 @@ def build_model(
             f"scratch with model.pretrained=false. On machines without network, set HF_HUB_OFFLINE=1 so "
             f"the hub cache is used without retrying downloads."
         ) from err
+    if checkpoint is not None:
+        _check_checkpoint_fits(model, checkpoint)
     if zero_init_head and pretrained and num_classes != model.pretrained_cfg.get("num_classes"):
         head = model.get_classifier()
         for param in head.parameters():

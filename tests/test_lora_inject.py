@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from lora_vision.lora import (
-    PRESETS,
     LoRAConfigError,
     LoRALayer,
     apply_lora,
@@ -291,10 +290,6 @@ def test_oversized_adapter_warns() -> None:
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=10)
     with pytest.warns(UserWarning, match=r"blocks\.0\.0\.conv_dw adds 328 parameters, more than the 288"):
         apply_lora(model, "all_convs", rank=8)
-
-
-def test_every_preset_is_documented() -> None:
-    assert all(p.description for p in PRESETS.values())
 
 
 def test_methods_prepare_models_and_describe_themselves() -> None:

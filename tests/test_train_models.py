@@ -57,3 +57,12 @@ def test_data_config_takes_the_run_input_size_not_timms_224() -> None:
     config = model_data_config(model, image_size=32, crop_pct=1.0)
     assert config["input_size"] == (3, 32, 32) and config["crop_pct"] == 1.0
     assert model_data_config(model, image_size=48)["crop_pct"] == timm.data.resolve_model_data_config(model)["crop_pct"]
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path: Path) -> None:
+    # timm itself would only log the missing keys and leave the backbone at random init.
+    other = timm.create_model("resnet18", pretrained=False, num_classes=10)
+    path = tmp_path / "resnet18.safetensors"
+    save_file(other.state_dict(), str(path))
+    with pytest.raises(ModelConfigError, match=r"does not fit VisionTransformer .*tensors missing, e\.g\. cls_token"):
+        build_model("vit_tiny_patch16_224", num_classes=4, checkpoint=path, kwargs=dict(depth=2, img_size=32))
