@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -57,6 +57,8 @@ class Classifier(L.LightningModule):
         trainable_only_checkpoints: checkpoints hold the trainable parameters and the buffers only; frozen
             weights are rebuilt from the same config. Keeps a rank sweep over ViT-B/16 at megabytes, not
             hundreds of megabytes, per checkpoint.
+        lr_ratios: learning-rate multipliers by parameter name (the last component, e.g. ``{"lora_B": 16}`` for
+            LoRA+); the schedule scales every group alike.
         param_summary: the method's parameter budget, logged when fitting starts.
     """
 
@@ -73,6 +75,7 @@ class Classifier(L.LightningModule):
         label_smoothing: float = 0.0,
         frozen_bn_eval: bool = True,
         trainable_only_checkpoints: bool = True,
+        lr_ratios: Mapping[str, float] | None = None,
         param_summary: ParameterSummary | None = None,
     ) -> None:
         super().__init__()
@@ -135,11 +138,23 @@ class Classifier(L.LightningModule):
             return 0
         return min(round(total_steps * self.hparams.warmup_epochs / max_epochs), total_steps - 1)
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def param_groups(self) -> list[dict[str, Any]]:
+        """timm's weight-decay groups, each split further by learning-rate multiplier (`lr_ratios`)."""
         hp = self.hparams
         no_decay = getattr(self.model, "no_weight_decay", set)()
         groups = param_groups_weight_decay(self.model, hp.weight_decay, no_weight_decay_list=no_decay)
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
+        ratios = dict(hp.lr_ratios or {})
+        ratio_of = {id(p): ratios.get(name.rsplit(".", 1)[-1], 1.0) for name, p in self.model.named_parameters()}
+        split = []
+        for group in groups:
+            for ratio in sorted({ratio_of[id(p)] for p in group["params"]}):
+                params = [p for p in group["params"] if ratio_of[id(p)] == ratio]
+                split.append({**group, "params": params, "lr": hp.lr * ratio})
+        return split
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(self.param_groups(), lr=hp.lr, betas=tuple(hp.betas))
         total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = self._warmup_steps(total_steps)
         cosine = CosineAnnealingLR(optimizer, T_max=total_steps - warmup, eta_min=hp.min_lr)

@@ -16,6 +16,7 @@ from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
@@ -25,6 +26,7 @@ from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from lora_vision.adapters import ADAPTER_DIR, ADAPTER_TENSORS, save_adapter, weights_fingerprint
 from lora_vision.callbacks import TrainThroughput
 from lora_vision.config_checks import ConfigError, check_config
 from lora_vision.models import build_model, model_data_config
@@ -192,6 +194,51 @@ def fit_and_test(
     }
 
 
+def base_source(cfg: DictConfig) -> dict[str, Any]:
+    """Where the base weights came from, so the adapter can be put back on the same ones.
+
+    The seed counts only for a randomly initialised base: its weights are drawn right after seeding.
+    """
+    checkpoint = cfg.model.checkpoint
+    return {
+        "pretrained": cfg.model.pretrained,
+        "checkpoint": None if checkpoint is None else str(Path(checkpoint).expanduser().resolve()),
+        "seed": cfg.seed,
+    }
+
+
+def save_run_adapter(
+    cfg: DictConfig, method: Any, module: Classifier, best_checkpoint: str | None, fingerprint: str, num_classes: int
+) -> dict[str, Any]:
+    """Save the adapter of the weights that were tested (the best checkpoint's) into `<run dir>/adapter/`.
+
+    Rank zero only. `trainer.test(ckpt_path=best)` has already put the best weights into the module; without a
+    test they are loaded here. Returns the record fields `adapter_dir` and `adapter_bytes`.
+    """
+    if rank_zero_only.rank != 0:
+        return {}
+    if best_checkpoint and not cfg.test:
+        # The run's own checkpoint, so unpickling its Lightning metadata is safe.
+        checkpoint = torch.load(best_checkpoint, map_location="cpu", weights_only=False)
+        module.on_load_checkpoint(checkpoint)
+        module.load_state_dict(checkpoint["state_dict"])
+    directory = save_adapter(
+        module.model,
+        Path(cfg.paths.output_dir) / ADAPTER_DIR,
+        model_name=cfg.model.name,
+        model_kwargs=OmegaConf.to_container(cfg.model.kwargs, resolve=True),
+        num_classes=num_classes,
+        method_config=method.config(),
+        base_fingerprint=fingerprint,
+        base_source=base_source(cfg),
+        data=OmegaConf.to_container(cfg.data, resolve=True),
+        extra={"experiment": cfg.exp_name},
+        # Frozen BatchNorm layers update their running statistics too when they are not kept in eval mode.
+        all_batchnorm_stats=not cfg.module.frozen_bn_eval,
+    )
+    return {"adapter_dir": str(directory), "adapter_bytes": (directory / ADAPTER_TENSORS).stat().st_size}
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train and test one configuration; return the record written to `<run dir>/results.json`."""
     started = time.perf_counter()
@@ -210,6 +257,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         kwargs=OmegaConf.to_container(cfg.model.kwargs, resolve=True),
         zero_init_head=cfg.model.zero_init_head,
     )
+    fingerprint = weights_fingerprint(model)
     summary = method.apply(model)
     datamodule.data_config = model_data_config(model, cfg.data.image_size, cfg.data.crop_pct)
     module = Classifier(
@@ -217,9 +265,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         num_classes,
         **OmegaConf.to_container(cfg.optim, resolve=True),
         **OmegaConf.to_container(cfg.module, resolve=True),
+        lr_ratios=method.lr_ratios(),
         param_summary=summary,
     )
-    record = base_record(cfg, method, summary, num_classes)
+    record = base_record(cfg, method, summary, num_classes) | {"base_fingerprint": fingerprint}
     results_path = Path(cfg.paths.output_dir) / RESULTS_FILE
 
     loggers = instantiate_all(cfg.get("logger"))
@@ -229,6 +278,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         check_launch_in_multirun(cfg, trainer)
         log_config(loggers, cfg)
         record |= fit_and_test(cfg, trainer, module, datamodule)
+        record |= save_run_adapter(cfg, method, module, record["best_checkpoint"], fingerprint, num_classes)
         record |= {"wall_time_s": time.perf_counter() - started, "status": "completed"}
     except BaseException as err:
         record |= {"status": "failed", "error": error_text(err)}

@@ -90,7 +90,12 @@ def test_debug_overlays_win_over_the_experiment(option: str, order: str) -> None
 def test_every_method_runs_with_every_experiment(exp: str, option: str) -> None:
     # Experiments set lora.rank/targets; a baseline chosen on top of one must still instantiate.
     with composed(f"+exp={exp}", f"lora={option}") as cfg:
-        assert instantiate(cfg.lora).name == {"lora": "lora", "linear_probe": "linear_probe", "full": "full"}[option]
+        method = instantiate(cfg.lora)
+        baselines = {"linear_probe", "full", "bitfit"}
+        assert method.name == (option if option in baselines else "lora")
+        if option not in baselines:
+            # Each variant option keeps the experiment's rank and targets and switches on just its own feature.
+            assert method.rank == cfg.lora.rank and method.variant == option
 
 
 @pytest.mark.parametrize("option", group_options("lora"))

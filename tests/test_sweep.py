@@ -125,6 +125,6 @@ def test_the_report_goes_to_wandb_when_a_wandb_logger_is_configured(
     images = list(run_dir.glob("files/media/images/report/accuracy_vs_params_*.png"))
     assert len(tables) == 1 and len(images) == 1
     table = json.loads(tables[0].read_text())
-    assert len(table["data"]) == 4 and table["columns"][:3] == ["model", "method", "targets"]
+    assert len(table["data"]) == 4 and table["columns"][:4] == ["model", "method", "variant", "targets"]
     (log,) = run_dir.glob("run-*.wandb")
     assert b"smoke-report" in log.read_bytes()  # the run's name

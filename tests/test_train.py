@@ -22,7 +22,7 @@ RECORD_KEYS = {
     "seed", "versions", "git_commit", "status",
 }  # fmt: skip
 # Fields that measure the machine or name the run directory rather than the training outcome.
-RUN_SPECIFIC = {"wall_time_s", "train_images_per_s", "output_dir", "best_checkpoint", "git_dirty"}
+RUN_SPECIFIC = {"wall_time_s", "train_images_per_s", "output_dir", "best_checkpoint", "adapter_dir", "git_dirty"}
 
 
 def train(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from torch import nn
 
 from lora_vision.lora.errors import LoRAConfigError, check_hyperparameters
 from lora_vision.lora.layers import QKV_SLOTS, LoRAConv2d, LoRALayer, LoRALinear
 from lora_vision.lora.summary import ParameterSummary, summarize
-from lora_vision.lora.targets import Target, classifier_name, resolve_targets
+from lora_vision.lora.targets import Target, classifier_name, resolve_patterns, resolve_targets
 
 
 def _max_rank(target: Target) -> int:
@@ -20,12 +20,13 @@ def _max_rank(target: Target) -> int:
     return LoRALinear.max_rank(target.module, 1 if target.slots is None else len(QKV_SLOTS))
 
 
-def _build(target: Target, rank: int, alpha: float | None, dropout: float) -> LoRALayer:
+def _build(target: Target, rank: int, alpha: float | None, dropout: float, variants: dict) -> LoRALayer:
     if isinstance(target.module, nn.Conv2d):
-        return LoRAConv2d(target.module, rank, alpha, dropout)
+        return LoRAConv2d(target.module, rank, alpha, dropout, **variants)
     if target.slots is None:
-        return LoRALinear(target.module, rank, alpha, dropout)
-    return LoRALinear(target.module, rank, alpha, dropout, num_slots=len(QKV_SLOTS), slots=target.slots)
+        return LoRALinear(target.module, rank, alpha, dropout, **variants)
+    slots = {"num_slots": len(QKV_SLOTS), "slots": target.slots}
+    return LoRALinear(target.module, rank, alpha, dropout, **slots, **variants)
 
 
 def freeze_backbone(model: nn.Module, train_head: bool = True) -> None:
@@ -33,8 +34,8 @@ def freeze_backbone(model: nn.Module, train_head: bool = True) -> None:
     model.requires_grad_(False)
     for module in model.modules():
         if isinstance(module, LoRALayer):
-            module.lora_A.requires_grad_(True)
-            module.lora_B.requires_grad_(True)
+            module.requires_grad_(True)
+            module.base.requires_grad_(False)
     head = classifier_name(model)
     if train_head and head is not None and not isinstance(model.get_submodule(head), LoRALayer):
         model.get_submodule(head).requires_grad_(True)
@@ -48,6 +49,12 @@ def apply_lora(
     dropout: float = 0.0,
     blocks: int | str | Sequence[int] | None = None,
     train_head: bool = True,
+    *,
+    rslora: bool = False,
+    dora: bool = False,
+    init: str = "lora",
+    rank_pattern: Mapping[str, int] | None = None,
+    alpha_pattern: Mapping[str, float] | None = None,
 ) -> ParameterSummary:
     """Add LoRA adapters to `model` in place and freeze everything but the adapters and the head.
 
@@ -58,16 +65,31 @@ def apply_lora(
         dropout: dropout probability on the adapter's input, in [0, 1).
         blocks: restrict targets to blocks/stages, e.g. ``"-4:"`` (last four) or ``[3, 4]``.
         train_head: also train the classifier head (unless it is itself adapted).
+        rslora: scale by alpha / sqrt(r) instead of alpha / r.
+        dora: weight-decomposed LoRA (a trained magnitude per output channel).
+        init: "lora" (A Kaiming-uniform, B zero) or "pissa" (A, B from the top-r singular triplets of W0).
+        rank_pattern, alpha_pattern: per-layer rank / alpha, keyed by module-name pattern (glob or ``re:``, as
+            for targets); later keys win where several match; each must match a targeted module.
 
     Every setting is validated before the model is modified; errors are `LoRAConfigError`.
     """
     check_hyperparameters(rank, alpha, dropout)
     resolved = resolve_targets(model, targets, blocks)
-    too_small = [f"{t.name} (max {_max_rank(t)})" for t in resolved if rank > _max_rank(t)]
+    names = [t.name for t in resolved]
+    ranks = resolve_patterns(rank_pattern, names, "rank_pattern")
+    alphas = resolve_patterns(alpha_pattern, names, "alpha_pattern")
+    for name in names:
+        check_hyperparameters(ranks.get(name, rank), alphas.get(name, alpha), dropout)
+    too_small = [
+        f"{t.name} (rank {ranks.get(t.name, rank)} exceeds max {_max_rank(t)})"
+        for t in resolved
+        if ranks.get(t.name, rank) > _max_rank(t)
+    ]
     if too_small:
-        raise LoRAConfigError(f"lora rank {rank} exceeds what these layers allow: {', '.join(too_small)}")
+        raise LoRAConfigError(f"lora rank too large for these layers: {', '.join(too_small)}")
+    variants = {"rslora": rslora, "dora": dora, "init": init}
     for target in resolved:
-        layer = _build(target, rank, alpha, dropout)
+        layer = _build(target, ranks.get(target.name, rank), alphas.get(target.name, alpha), dropout, variants)
         if layer.adapter_parameters > layer.base_parameters:
             warnings.warn(
                 f"LoRA on {target.name} adds {layer.adapter_parameters:,} parameters, more than the "

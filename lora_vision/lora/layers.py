@@ -1,13 +1,29 @@
 """LoRA layers: a frozen base layer plus a trainable low-rank update (Hu et al., 2021, arXiv:2106.09685).
 
-    y = base(x) + scale * B(A(dropout(x))),   scale = alpha / r
+    y = base(x) + scale * B(A(dropout(x))),   scale = alpha / r   (rsLoRA: alpha / sqrt(r))
 
 `A` is Kaiming-uniform initialised (as the base layer's own weight would be) and `B` is zero, so a new adapter
 leaves the model's function exactly unchanged. The scale is a float: integer division (`alpha // r`) would
 silently switch the adapter off whenever alpha < r.
 
-Each layer keeps the wrapped module as `self.base`, so `merge()` can fold `scale * B @ A` into `base.weight` and
-inference then costs exactly what the base layer costs; `unmerge()` subtracts it again.
+Variants, each a constructor option and each composable with the others:
+- rsLoRA (Kalajdzievski, 2023, arXiv:2312.03732): scale = alpha / sqrt(r), so the update's magnitude stays
+  stable as r grows and a rank sweep no longer also sweeps the effective learning rate.
+- DoRA (Liu et al., 2024, arXiv:2402.09353): W' = m * (W0 + dW) / ||W0 + dW||, the norm taken per output
+  channel; the magnitude m (initialised to ||W0||) trains, the direction gets the low-rank update. The norm is
+  treated as a constant in the backward pass, as the paper's section 4.3 does to save memory.
+- PiSSA (Meng et al., 2024, arXiv:2404.02948): A and B start as the top-r singular triplets of W0, the
+  residual W0 - B0 A0 stays frozen. The layer keeps W0 and the initial factors B0, A0 (frozen buffers) and
+  adds scale * (B A - B0 A0), computed as scale * ((B - B0) A + B0 (A - A0)): both terms are exactly zero at
+  initialisation, so the initial model is bit-for-bit unchanged and the update is always relative to W0 (an
+  adapter file loads onto the untouched pretrained weights, and analysis sees what training changed).
+
+Each layer keeps the wrapped module as `self.base`, so `merge()` can fold the update into `base.weight` and
+inference then costs exactly what the base layer costs; `unmerge()` takes it out again.
+
+Adapters are described in "slot form": per adapted slot s (a q/k/v slice of a fused qkv Linear, or the whole
+layer), the update is the matrix B_s @ A_s of shape (out_s, fan_in), fan_in = in_features for a Linear and
+in_channels / groups * kh * kw for a Conv2d. Analysis and rank truncation work on that form only.
 """
 
 from __future__ import annotations
@@ -23,32 +39,198 @@ from torch import Tensor, nn
 from lora_vision.lora.errors import LoRAConfigError, check_hyperparameters
 
 QKV_SLOTS = ("q", "k", "v")
+INITS = ("lora", "pissa")
+
+
+def variant_name(dora: bool = False, init: str = "lora", rslora: bool = False, loraplus: bool = False) -> str:
+    """The LoRA family member: "lora", or its options joined, e.g. "dora", "pissa+rslora", "loraplus"."""
+    options = {"dora": dora, "pissa": init == "pissa", "rslora": rslora, "loraplus": loraplus}
+    return "+".join(name for name, on in options.items() if on) or "lora"
 
 
 class LoRALayer(nn.Module, ABC):
-    """State shared by all LoRA layers: the frozen base, rank, scale, dropout and merge bookkeeping."""
+    """A frozen base layer with a low-rank update: rank, scale, variants, merging and the slot-form view.
+
+    Subclasses define how the factors are laid out (`_slot_factors`, `_native_factors`), how the base weight
+    maps to slot form (`_base_slots_of`, `_slots_to_weight`) and the unmerged forward of the low-rank path.
+    """
 
     lora_A: nn.Parameter
     lora_B: nn.Parameter
+    # Dimension of lora_A and lora_B along which the rank runs.
+    rank_dims: tuple[int, int]
 
-    def __init__(self, base: nn.Module, rank: int, alpha: float | None, dropout: float) -> None:
+    def __init__(
+        self,
+        base: nn.Module,
+        rank: int,
+        alpha: float | None,
+        dropout: float,
+        rslora: bool = False,
+        dora: bool = False,
+        init: str = "lora",
+    ) -> None:
         check_hyperparameters(rank, alpha, dropout)
+        if init not in INITS:
+            raise LoRAConfigError(f"lora init={init!r} is not one of {', '.join(INITS)}")
         super().__init__()
         self.base = base
         self.rank = rank
         self.alpha = float(rank if alpha is None else alpha)
-        self.scale = self.alpha / rank
+        self.rslora, self.dora, self.init = bool(rslora), bool(dora), init
+        self.scale = self.alpha / (math.sqrt(rank) if self.rslora else rank)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        self._merged_factor: Tensor | None = None
         base.requires_grad_(False)
+        # Swapping a layer into a model in eval mode must not put that one layer into train mode.
+        self.train(base.training)
+
+    def _init_variants(self) -> None:
+        """Called by subclasses once lora_A and lora_B exist."""
+        if self.init == "pissa":
+            self._init_pissa()
+        if self.dora:
+            self.lora_magnitude = nn.Parameter(self._base_slots().norm(dim=-1))
+
+    @torch.no_grad()
+    def _init_pissa(self) -> None:
+        # At least float32 (half-precision weights); float64 would be slower and buys nothing: the initial model is
+        # unchanged whatever the factors' rounding, since the layer adds B A - B0 A0 (see the module docstring).
+        u, s, vh = torch.linalg.svd(self._base_slots().float(), full_matrices=False)
+        root = (s[:, : self.rank] / self.scale).sqrt()
+        b = u[..., : self.rank] * root[:, None, :]
+        a = root[..., None] * vh[:, : self.rank]
+        a, b = self._native_factors(b.to(self.lora_B.dtype), a.to(self.lora_A.dtype))
+        self.lora_A.copy_(a)
+        self.lora_B.copy_(b)
+        self.register_buffer("pissa_A0", a.clone())
+        self.register_buffer("pissa_B0", b.clone())
+
+    # Layout hooks -------------------------------------------------------------------------------------------
 
     @abstractmethod
+    def _slot_factors(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        """Native (A, B) -> slot form (B (S, out_s, R), A (S, R, fan_in))."""
+
+    @abstractmethod
+    def _native_factors(self, b: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+        """Slot form (B, A) -> native (A, B) with the layer's own parameter shapes."""
+
+    @abstractmethod
+    def _base_slots_of(self, tensor: Tensor) -> Tensor:
+        """An (out, ...) tensor of the base layer (weight, bias) in slot form (S, out_s, ...)."""
+
+    def _base_slots(self) -> Tensor:
+        """The base weight as it is now (merged or not), in slot form (S, out_s, fan_in)."""
+        return self._base_slots_of(self.base.weight)
+
+    @abstractmethod
+    def _slots_to_weight(self, slots: Tensor) -> Tensor:
+        """A slot-form tensor as a full weight-shaped tensor (zero outside the adapted slots)."""
+
+    @abstractmethod
+    def _low_rank_path(self, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        """scale * B A x for the adapted part, laid out like `_adapted_part` of the output."""
+
+    @abstractmethod
+    def _adapted_part(self, out: Tensor) -> Tensor:
+        """The base output of the adapted part: (..., S, out_s) for a Linear, the whole output for a Conv2d."""
+
+    @abstractmethod
+    def _per_channel(self, values: Tensor) -> Tensor:
+        """A per-output-channel (S, out_s) tensor, shaped to broadcast against `_adapted_part`."""
+
+    @abstractmethod
+    def _add(self, out: Tensor, contribution: Tensor) -> Tensor:
+        """The base output plus the adapter's contribution to the adapted part."""
+
+    # Factors and updates ------------------------------------------------------------------------------------
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """Native (A, B) whose product (times `scale`) is the update; PiSSA's has rank 2r (see the module doc)."""
+        if self.init != "pissa":
+            return self.lora_A, self.lora_B
+        a_dim, b_dim = self.rank_dims
+        a = torch.cat([self.lora_A, self.lora_A - self.pissa_A0], dim=a_dim)
+        b = torch.cat([self.lora_B - self.pissa_B0, self.pissa_B0], dim=b_dim)
+        return a, b
+
+    def low_rank_update(self) -> tuple[Tensor, Tensor]:
+        """(B, A) in slot form with the scale folded into B: the update of slot s is exactly B[s] @ A[s]."""
+        b, a = self._slot_factors(*self.factors())
+        return b * self.scale, a
+
+    @torch.no_grad()
+    def set_low_rank_update(self, b: Tensor, a: Tensor) -> None:
+        """Make the update of slot s equal B[s] @ A[s] (rank k <= r; slot form). A DoRA magnitude is kept."""
+        if self.merged:
+            raise RuntimeError("unmerge() the adapter before replacing its update")
+        k = a.shape[-2]
+        if k > self.rank or b.shape[-1] != k:
+            raise ValueError(f"update of rank {k} does not fit this rank-{self.rank} adapter")
+        shape_b, shape_a = (t.shape for t in self._slot_factors(self.lora_A, self.lora_B))
+        padded_b = b.new_zeros(shape_b)
+        padded_a = a.new_zeros(shape_a)
+        padded_b[..., :k] = b / self.scale
+        padded_a[..., :k, :] = a
+        new_a, new_b = self._native_factors(padded_b, padded_a)
+        self.lora_A.copy_(new_a)
+        self.lora_B.copy_(new_b)
+        if self.init == "pissa":
+            self.pissa_A0.zero_()
+            self.pissa_B0.zero_()
+
+    def _slot_delta(self) -> Tensor:
+        b, a = self.low_rank_update()
+        return b @ a
+
     def delta_weight(self) -> Tensor:
-        """The update `scale * B @ A`, shaped like `base.weight`."""
+        """The low-rank update shaped like `base.weight` (for DoRA: the update of the direction)."""
+        return self._slots_to_weight(self._slot_delta())
 
-    @abstractmethod
+    def base_matrix(self) -> Tensor:
+        """The frozen base weight W0 of the adapted slots, in slot form (S, out_s, fan_in)."""
+        if self.merged:
+            raise RuntimeError("the base weight holds the merged update; unmerge() first")
+        return self._base_slots()
+
+    @property
+    def variant(self) -> str:
+        return variant_name(self.dora, self.init, self.rslora)
+
+    @property
+    def slot_names(self) -> tuple[str, ...]:
+        return ("all",)
+
+    @property
+    def parts(self) -> str:
+        """Which part of the base output is adapted, for summaries ("all", or e.g. "q,v")."""
+        return ",".join(self.slot_names)
+
+    # Forward and merging ------------------------------------------------------------------------------------
+
+    def _dora_factor(self) -> Tensor:
+        """m / ||W0 + dW|| per output channel (S, out_s), the norm detached (DoRA section 4.3)."""
+        norm = (self._base_slots() + self._slot_delta()).norm(dim=-1).detach()
+        # A dead (all-zero) channel has m = 0 too; clamping keeps its factor at 0 instead of 0/0.
+        return self.lora_magnitude / norm.clamp_min(torch.finfo(norm.dtype).tiny)
+
     def adapter_forward(self, x: Tensor, out: Tensor) -> Tensor:
-        """Add the low-rank update for input `x` to the base output `out`."""
+        """Add the update for input `x` to the base output `out`."""
+        delta = self._low_rank_path(self.dropout(x), *self.factors())
+        if self.dora:
+            # m/||W|| (W0 x + dW x) + b, written as out + (f - 1) W0 x + f dW x: both terms are exactly zero
+            # at initialisation (f = 1, dW = 0), so the new adapter leaves the output bit-for-bit unchanged.
+            factor = self._per_channel(self._dora_factor())
+            base_out = self._adapted_part(out)
+            if self.base.bias is not None:
+                base_out = base_out - self._per_channel(self._bias_slots())
+            delta = (factor - 1) * base_out + factor * delta
+        return self._add(out, delta)
+
+    def _bias_slots(self) -> Tensor:
+        return self._base_slots_of(self.base.bias[:, None])[..., 0]
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.base(x)
@@ -62,29 +244,40 @@ class LoRALayer(nn.Module, ABC):
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the update into the base weight (idempotent)."""
-        if not self.merged:
-            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
-            self.merged = True
+        if self.merged:
+            return
+        weight = self.base.weight
+        if self.dora:
+            factor = self._dora_factor()
+            change = (factor[..., None] - 1) * self._base_slots() + factor[..., None] * self._slot_delta()
+            self._merged_factor = factor
+            weight += self._slots_to_weight(change).to(weight.dtype)
+        else:
+            weight += self.delta_weight().to(weight.dtype)
+        self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract the update again. Restores the weight up to float rounding (about 1 ulp of the weight)."""
-        if self.merged:
-            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
-            self.merged = False
+        """Take the update out again. Restores the weight up to float rounding (about 1 ulp of the weight)."""
+        if not self.merged:
+            return
+        weight = self.base.weight
+        if self.dora:
+            merged = self._base_slots()
+            original = merged / self._merged_factor[..., None] - self._slot_delta()
+            weight += self._slots_to_weight(original - merged).to(weight.dtype)
+            self._merged_factor = None
+        else:
+            weight -= self.delta_weight().to(weight.dtype)
+        self.merged = False
 
     @property
     def adapter_parameters(self) -> int:
-        return self.lora_A.numel() + self.lora_B.numel()
+        return sum(p.numel() for name, p in self.named_parameters() if not name.startswith("base."))
 
     @property
     def base_parameters(self) -> int:
         return sum(p.numel() for p in self.base.parameters())
-
-    @property
-    def parts(self) -> str:
-        """Which part of the base output is adapted, for summaries ("all", or e.g. "q,v")."""
-        return "all"
 
 
 class LoRALinear(LoRALayer):
@@ -96,6 +289,8 @@ class LoRALinear(LoRALayer):
     (`num_slots=1`, what PEFT can express) instead shares one A across q, k and v.
     """
 
+    rank_dims = (1, 2)
+
     def __init__(
         self,
         base: nn.Linear,
@@ -104,13 +299,16 @@ class LoRALinear(LoRALayer):
         dropout: float = 0.0,
         num_slots: int = 1,
         slots: Sequence[int] | None = None,
+        rslora: bool = False,
+        dora: bool = False,
+        init: str = "lora",
     ) -> None:
         if num_slots < 1 or base.out_features % num_slots:
             raise LoRAConfigError(f"cannot split {base.out_features} output features into {num_slots} equal slots")
         slots = tuple(range(num_slots)) if slots is None else tuple(sorted(set(slots)))
         if not slots or not all(0 <= s < num_slots for s in slots):
             raise LoRAConfigError(f"slots must be a non-empty subset of 0..{num_slots - 1}, got {slots}")
-        super().__init__(base, rank, alpha, dropout)
+        super().__init__(base, rank, alpha, dropout, rslora, dora, init)
         self.num_slots = num_slots
         self.slots = slots
         slot_out = base.out_features // num_slots
@@ -119,6 +317,7 @@ class LoRALinear(LoRALayer):
         self.lora_B = nn.Parameter(weight.new_zeros(len(slots), slot_out, rank))
         self.register_buffer("slot_index", torch.tensor(slots, device=weight.device), persistent=False)
         self.reset_parameters()
+        self._init_variants()
 
     @staticmethod
     def max_rank(base: nn.Linear, num_slots: int = 1) -> int:
@@ -130,26 +329,42 @@ class LoRALinear(LoRALayer):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 
-    def adapter_forward(self, x: Tensor, out: Tensor) -> Tensor:
-        # One matmul computes A_i x for all slots; scaling the rank-r activations is cheaper than the output.
-        h = F.linear(self.dropout(x), self.lora_A.flatten(0, 1)) * self.scale
-        h = h.unflatten(-1, (len(self.slots), self.rank))
-        delta = torch.einsum("...sr,sor->...so", h, self.lora_B)
-        if len(self.slots) == self.num_slots:
-            return out + delta.flatten(-2)
-        return out.unflatten(-1, (self.num_slots, -1)).index_add(-2, self.slot_index, delta).flatten(-2)
+    def _slot_factors(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        return b, a
 
-    def delta_weight(self) -> Tensor:
-        per_slot = torch.bmm(self.lora_B, self.lora_A) * self.scale
-        full = per_slot.new_zeros(self.num_slots, *per_slot.shape[1:])
-        return full.index_copy(0, self.slot_index, per_slot).flatten(0, 1)
+    def _native_factors(self, b: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+        return a, b
+
+    def _base_slots_of(self, tensor: Tensor) -> Tensor:
+        return tensor.unflatten(0, (self.num_slots, -1)).index_select(0, self.slot_index)
+
+    def _slots_to_weight(self, slots: Tensor) -> Tensor:
+        full = slots.new_zeros(self.num_slots, *slots.shape[1:])
+        return full.index_copy(0, self.slot_index, slots).flatten(0, 1)
+
+    def _low_rank_path(self, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        # One matmul computes A_i x for all slots; scaling the rank-r activations is cheaper than the output.
+        h = F.linear(x, a.flatten(0, 1)) * self.scale
+        h = h.unflatten(-1, (len(self.slots), a.shape[1]))
+        return torch.einsum("...sr,sor->...so", h, b)
+
+    def _adapted_part(self, out: Tensor) -> Tensor:
+        return out.unflatten(-1, (self.num_slots, -1)).index_select(-2, self.slot_index)
+
+    def _per_channel(self, values: Tensor) -> Tensor:
+        return values
+
+    def _add(self, out: Tensor, contribution: Tensor) -> Tensor:
+        if len(self.slots) == self.num_slots:
+            return out + contribution.flatten(-2)
+        return out.unflatten(-1, (self.num_slots, -1)).index_add(-2, self.slot_index, contribution).flatten(-2)
 
     @property
-    def parts(self) -> str:
+    def slot_names(self) -> tuple[str, ...]:
         if self.num_slots == 1:
-            return "all"
+            return ("all",)
         names = QKV_SLOTS if self.num_slots == len(QKV_SLOTS) else tuple(map(str, range(self.num_slots)))
-        return ",".join(names[s] for s in self.slots)
+        return tuple(names[s] for s in self.slots)
 
 
 class LoRAConv2d(LoRALayer):
@@ -166,12 +381,24 @@ class LoRAConv2d(LoRALayer):
     `max_rank` works (PEFT refuses to merge grouped convs and requires rank % groups == 0).
     """
 
-    def __init__(self, base: nn.Conv2d, rank: int, alpha: float | None = None, dropout: float = 0.0) -> None:
-        super().__init__(base, rank, alpha, dropout)
+    rank_dims = (0, 1)
+
+    def __init__(
+        self,
+        base: nn.Conv2d,
+        rank: int,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        rslora: bool = False,
+        dora: bool = False,
+        init: str = "lora",
+    ) -> None:
+        super().__init__(base, rank, alpha, dropout, rslora, dora, init)
         weight = base.weight
         self.lora_A = nn.Parameter(weight.new_empty(rank, *weight.shape[1:]))
         self.lora_B = nn.Parameter(weight.new_zeros(base.out_channels, rank))
         self.reset_parameters()
+        self._init_variants()
 
     @staticmethod
     def max_rank(base: nn.Conv2d) -> int:
@@ -181,19 +408,40 @@ class LoRAConv2d(LoRALayer):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 
+    def _slot_factors(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        return b[None], a.flatten(1)[None]
+
+    def _native_factors(self, b: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+        return a[0].unflatten(1, self.base.weight.shape[1:]), b[0]
+
+    def _base_slots_of(self, tensor: Tensor) -> Tensor:
+        return tensor.flatten(1)[None]
+
+    def _slots_to_weight(self, slots: Tensor) -> Tensor:
+        return slots[0].view_as(self.base.weight)
+
     def _base_conv(self, x: Tensor, kernel: Tensor) -> Tensor:
         # Running the base layer's own forward with another kernel reproduces its exact geometry (padding
-        # mode, dynamic "same" padding of subclasses) without re-implementing any of it.
+        # mode, dynamic "same" padding of subclasses) without re-implementing any of it. A plain Conv2d's forward
+        # is `_conv_forward`, called directly: functional_call's parameter swapping costs ~20 us per call.
+        if type(self.base).forward is nn.Conv2d.forward:
+            return self.base._conv_forward(x, kernel, None)
         return torch.func.functional_call(self.base, {"weight": kernel, "bias": None}, (x,))
 
-    def adapter_forward(self, x: Tensor, out: Tensor) -> Tensor:
-        x = self.dropout(x)
+    def _low_rank_path(self, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
         if self.base.groups == 1:
-            h = self._base_conv(x, self.lora_A) * self.scale
-            return out + F.conv2d(h, self.lora_B[:, :, None, None])
+            h = self._base_conv(x, a) * self.scale
+            return F.conv2d(h, b[:, :, None, None])
         # Grouped: one conv with the composed kernel, since the two-conv form would need groups * r
         # intermediate channels (r times the input for a depthwise conv).
-        return out + self._base_conv(x, self.delta_weight())
+        kernel = (b @ a.flatten(1)).view_as(self.base.weight) * self.scale
+        return self._base_conv(x, kernel)
 
-    def delta_weight(self) -> Tensor:
-        return (self.lora_B @ self.lora_A.flatten(1)).view_as(self.base.weight) * self.scale
+    def _adapted_part(self, out: Tensor) -> Tensor:
+        return out
+
+    def _per_channel(self, values: Tensor) -> Tensor:
+        return values[0][:, None, None]
+
+    def _add(self, out: Tensor, contribution: Tensor) -> Tensor:
+        return out + contribution

@@ -13,13 +13,14 @@ from lora_vision.lora.targets import classifier_name
 
 @dataclass(frozen=True)
 class AdaptedLayer:
-    """One adapted layer: its name, type, shape, adapted part, rank and added parameters."""
+    """One adapted layer: its name, type, shape, adapted part, rank, alpha and added parameters."""
 
     name: str
     kind: str
     shape: str
     parts: str
     rank: int
+    alpha: float
     params: int
 
 
@@ -54,8 +55,8 @@ class ParameterSummary:
 
 
 def _table(layers: list[AdaptedLayer]) -> list[str]:
-    rows = [("layer", "type", "shape", "parts", "rank", "params")]
-    rows += [(x.name, x.kind, x.shape, x.parts, str(x.rank), f"{x.params:,}") for x in layers]
+    rows = [("layer", "type", "shape", "parts", "rank", "alpha", "params")]
+    rows += [(x.name, x.kind, x.shape, x.parts, str(x.rank), f"{x.alpha:g}", f"{x.params:,}") for x in layers]
     widths = [max(len(cell) for cell in column) for column in zip(*rows, strict=True)]
     # Text columns left-aligned, numbers right-aligned.
     return [
@@ -78,7 +79,7 @@ def _shape(layer: LoRALayer) -> str:
 def summarize(model: nn.Module) -> ParameterSummary:
     """Count trainable/total parameters and list the LoRA layers of `model` as it is now."""
     layers = [
-        AdaptedLayer(name, type(m.base).__name__, _shape(m), m.parts, m.rank, m.adapter_parameters)
+        AdaptedLayer(name, type(m.base).__name__, _shape(m), m.parts, m.rank, m.alpha, m.adapter_parameters)
         for name, m in model.named_modules()
         if isinstance(m, LoRALayer)
     ]

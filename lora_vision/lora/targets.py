@@ -17,8 +17,9 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from torch import nn
 
@@ -250,3 +251,30 @@ def resolve_targets(
             previous = selected.get(name) or ()
             selected[name] = None if slots is None else tuple(sorted(set(previous) | set(slots)))
     return [Target(name, candidates[name], selected[name]) for name in names if name in selected]
+
+
+V = TypeVar("V")
+
+
+def resolve_patterns(patterns: Mapping[str, V] | None, names: Sequence[str], what: str) -> dict[str, V]:
+    """Per-module values from a {pattern: value} mapping over the targeted module names.
+
+    Patterns are globs or ``re:`` expressions as for targets; where several match a module, the later key wins
+    (so a general pattern can be followed by exceptions). A pattern that matches no targeted module is an error:
+    it would otherwise silently leave those layers at the default.
+    """
+    resolved: dict[str, V] = {}
+    for pattern, value in (patterns or {}).items():
+        if not isinstance(pattern, str) or not pattern:
+            raise LoRAConfigError(f"lora {what} keys must be module-name patterns, got {pattern!r}")
+        matches = _matcher(pattern)
+        hits = [name for name in names if matches(name)]
+        if not hits:
+            close = difflib.get_close_matches(pattern, names, n=5, cutoff=0.4)
+            shown = ", ".join(close or names[:12]) + ("" if close or len(names) <= 12 else f" ... ({len(names)})")
+            raise LoRAConfigError(
+                f"lora {what} key {pattern!r} matches none of the targeted modules; "
+                f"{'closest' if close else 'targeted'}: {shown}"
+            )
+        resolved.update(dict.fromkeys(hits, value))
+    return resolved

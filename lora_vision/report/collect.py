@@ -13,7 +13,9 @@ from typing import Any
 from lora_vision.results import RESULTS_FILE
 
 # The order a reader expects: the cheapest baseline, the adapters, then the most expensive baseline.
-METHOD_ORDER = {"linear_probe": 0, "lora": 1, "full": 2}
+METHOD_ORDER = {"linear_probe": 0, "bitfit": 1, "lora": 2, "full": 3}
+BASELINE_LABELS = {"linear_probe": "linear probe", "bitfit": "BitFit", "full": "full fine-tuning"}
+VARIANT_LABELS = {"lora": "LoRA", "dora": "DoRA", "pissa": "PiSSA", "rslora": "rsLoRA", "loraplus": "LoRA+"}
 
 # Fields that describe what was run. Runs equal in all of them except the seed form one row.
 CONFIG_FIELDS = (
@@ -22,10 +24,14 @@ CONFIG_FIELDS = (
     "data",
     "image_size",
     "method",
+    "variant",
     "targets",
     "blocks",
     "rank",
+    "rank_pattern",
     "alpha",
+    "alpha_pattern",
+    "loraplus_lr_ratio",
     "dropout",
     "lr",
     "batch_size",
@@ -66,16 +72,19 @@ class Row:
 
     @property
     def label(self) -> str:
-        """The series a row belongs to in the plot: method and target set."""
+        """The series a row belongs to in the plot: method (LoRA variant) and target set."""
         c = self.config
         if c["method"] != "lora":
-            return {"linear_probe": "linear probe", "full": "full fine-tuning"}.get(c["method"], str(c["method"]))
+            return BASELINE_LABELS.get(c["method"], str(c["method"]))
+        variant = "+".join(VARIANT_LABELS.get(v, v) for v in str(c.get("variant") or "lora").split("+"))
         blocks = f", blocks {c['blocks']}" if c.get("blocks") not in (None, "") else ""
-        return f"LoRA {c['targets']}{blocks}"
+        return f"{variant} {c['targets']}{blocks}"
 
 
 def _text(value: Any) -> Any:
-    # Lists (targets, blocks) become stable strings so they can be compared, grouped and printed.
+    # Lists (targets, blocks) and mappings (rank patterns) become stable strings to compare, group and print.
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in value.items())
     return "+".join(map(str, value)) if isinstance(value, list) else value
 
 

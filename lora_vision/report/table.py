@@ -11,6 +11,7 @@ from lora_vision.report.collect import Row, Stat
 COLUMNS = (
     ("model", "model", "config"),
     ("method", "method", "config"),
+    ("variant", "variant", "config"),
     ("targets", "targets", "config"),
     ("blocks", "blocks", "config"),
     ("rank", "rank", "config"),
@@ -60,7 +61,8 @@ def markdown(rows: list[Row]) -> str:
 
 def to_csv(rows: list[Row]) -> str:
     """Raw numbers (fractions, not percent) with mean, std and count for each metric."""
-    config_fields = [f for _, f, k in COLUMNS if k == "config"] + ["experiment", "data", "image_size", "lr"]
+    extra = ["rank_pattern", "alpha_pattern", "loraplus_lr_ratio", "experiment", "data", "image_size", "lr"]
+    config_fields = [f for _, f, k in COLUMNS if k == "config"] + extra
     metric_fields = [f for _, f, k in COLUMNS if k != "config"]
     header = [*config_fields, *(f"{m}_{s}" for m in metric_fields for s in ("mean", "std", "n")), "runs", "failed"]
     out = io.StringIO()

@@ -1,0 +1,378 @@
+"""Evaluation of a trained model: a run directory, an adapter or a merged export, on any configured dataset.
+
+    python -m lora_vision.evaluate SOURCE [--split test|val] [--checkpoint BASE_WEIGHTS] [--batch-size N]
+        [--num-workers N] [--device auto|cpu|cuda] [--limit-batches N] [--out FILE.json] [data=NAME] [data.KEY=VALUE]
+
+Without ``data=NAME`` the data the source was trained on is used (as recorded in its adapter or export);
+``data=NAME`` picks an option of the project's ``conf/data/`` group instead, and ``data.KEY=VALUE`` overrides apply
+on top of either. The result (top-1, top-5, loss, image count) is printed and written as JSON to
+``<source dir>/eval/<data name>_<split>.json`` (or ``--out``).
+
+Other CLIs reuse the pieces: `add_eval_arguments` (the shared options), `load_source` (the model),
+`build_eval_datamodule` (the data, ready for the model) and `evaluate_model` (the metrics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lora_vision.adapters import ADAPTER_DIR, adapter_directory, load_adapted_model, read_adapter_meta
+from lora_vision.data import ImageDataModule
+from lora_vision.export import USER_ERRORS, load_merged, merged_directory, read_merged_meta
+from lora_vision.models import model_data_config
+from lora_vision.module import accuracy_metrics
+from lora_vision.results import PROJECT_ROOT, versions, write_json_atomic
+from lora_vision.train import build_datamodule
+
+CONF_DIR = PROJECT_ROOT / "conf"
+SPLITS = ("test", "val")
+_SPLIT_STAGES = {"test": "test", "val": "validate"}
+_OVERRIDE = re.compile(r"^data(?:\.(?P<key>[A-Za-z_][\w.]*))?=(?P<value>.*)$")
+EXPECTED_SOURCES = (
+    "a training run directory (with .hydra/ and adapter/), an adapter directory or its adapter.safetensors / "
+    "adapter.json, or a merged export directory or its model.safetensors / model.json"
+)
+
+
+class EvaluationError(ValueError):
+    """Bad evaluation input (source, split, data option or key, device); the message says what is valid."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """What a source path holds, read from its metadata only (no weights loaded).
+
+    `kind` is "run", "adapter" or "merged"; `directory` holds the adapter or export files; `home` is where
+    evaluation results go by default; `meta` is the `adapter.json` or `model.json`.
+    """
+
+    path: Path
+    kind: str
+    directory: Path
+    home: Path
+    meta: dict[str, Any]
+
+    @property
+    def data_cfg(self) -> DictConfig | None:
+        """The training run's `data` config, when the source recorded one."""
+        data = self.meta.get("data")
+        return None if data is None else OmegaConf.create(data)
+
+    @property
+    def image_size(self) -> int | None:
+        """The input side length the model was trained at, when known."""
+        if self.meta.get("data"):
+            return self.meta["data"]["image_size"]
+        if self.kind == "merged":
+            return self.meta["data_config"]["input_size"][-1]
+        return self.meta["model_kwargs"].get("img_size")
+
+
+@dataclass
+class Loaded:
+    """A model ready for evaluation (eval mode) and what is known about how it was trained.
+
+    `kind`: "run", "adapter" or "merged"; `data_cfg`: the recorded `data` config (None if not recorded);
+    `image_size`: the input side length the model expects (None if unknown); `meta`: its adapter.json/model.json.
+    """
+
+    model: nn.Module
+    kind: str
+    model_name: str
+    num_classes: int
+    data_cfg: DictConfig | None
+    image_size: int | None
+    meta: dict[str, Any]
+    source: Source
+
+
+@dataclass
+class EvalData:
+    """A datamodule set up for one split of a model, with the name and config of its data."""
+
+    datamodule: ImageDataModule
+    name: str
+    split: str
+    cfg: DictConfig
+
+    def dataloader(self) -> DataLoader:
+        if self.split == "val":
+            return self.datamodule.val_dataloader()
+        return self.datamodule.test_dataloader()
+
+
+def locate_source(source: str | Path) -> Source:
+    """Identify `source` (a run directory, adapter or merged export) from its files; raise EvaluationError if none."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise EvaluationError(f"source {path} does not exist; expected {EXPECTED_SOURCES}")
+    if path.is_dir() and (path / ".hydra" / "config.yaml").is_file():
+        if not (path / ADAPTER_DIR).is_dir():
+            raise EvaluationError(
+                f"run directory {path} has no {ADAPTER_DIR}/ (runs that failed or predate adapter saving have none); "
+                f"expected {EXPECTED_SOURCES}"
+            )
+        directory = adapter_directory(path / ADAPTER_DIR)
+        return Source(path, "run", directory, path, read_adapter_meta(directory))
+    for kind, find in (("adapter", adapter_directory), ("merged", merged_directory)):
+        try:
+            directory = find(path)
+        except FileNotFoundError:
+            continue
+        meta = read_adapter_meta(directory) if kind == "adapter" else read_merged_meta(directory)
+        return Source(path, kind, directory, directory, meta)
+    raise EvaluationError(f"{path} is not an evaluation source; expected {EXPECTED_SOURCES}")
+
+
+def load_source(source: str | Path | Source, checkpoint: str | Path | None = None) -> Loaded:
+    """The model of `source` (run directory, adapter dir/file, merged export dir/file), in eval mode.
+
+    `checkpoint` replaces the recorded base weights of an adapter (a merged export holds all its weights).
+    Raises EvaluationError for an unknown source, and the adapter errors of `lora_vision.adapters` when the base
+    cannot be rebuilt.
+    """
+    found = source if isinstance(source, Source) else locate_source(source)
+    if found.kind == "merged":
+        if checkpoint is not None:
+            raise EvaluationError(f"{found.path} is a merged export, which holds all its weights; drop --checkpoint")
+        model, meta = load_merged(found.directory)
+    else:
+        model, meta = load_adapted_model(found.directory, checkpoint=checkpoint)
+    return Loaded(
+        model=model,
+        kind=found.kind,
+        model_name=meta["model_name"],
+        num_classes=meta["num_classes"],
+        data_cfg=found.data_cfg,
+        image_size=found.image_size,
+        meta=meta,
+        source=found,
+    )
+
+
+def evaluate_model(
+    model: nn.Module,
+    dataloader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    num_classes: int,
+    device: str | torch.device = "cpu",
+    limit_batches: int | None = None,
+) -> dict[str, float | int]:
+    """Top-1/top-5 accuracy, mean cross-entropy and image count of `model` over `dataloader`.
+
+    Runs in eval mode under `torch.inference_mode()` on `device` (the model is moved there), over at most
+    `limit_batches` batches; the model's train/eval mode is restored afterwards. Returns
+    ``{"acc1", "acc5", "loss", "images"}``.
+    """
+    metrics = accuracy_metrics(num_classes).to(device)
+    was_training = model.training
+    model.eval().to(device)
+    loss_sum, images = 0.0, 0
+    try:
+        with torch.inference_mode():
+            for inputs, labels in itertools.islice(dataloader, limit_batches):
+                inputs, labels = inputs.to(device), labels.to(device)
+                logits = model(inputs)
+                loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+                metrics.update(logits, labels)
+                images += len(labels)
+    finally:
+        model.train(was_training)
+    if images == 0:
+        raise EvaluationError("the dataloader yielded no images")
+    scores = metrics.compute()
+    return {"acc1": float(scores["acc1"]), "acc5": float(scores["acc5"]), "loss": loss_sum / images, "images": images}
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options every evaluating CLI shares to `parser`.
+
+    Positional: ``source`` (run dir, adapter or merged export) and ``overrides`` (``data=NAME``,
+    ``data.KEY=VALUE``). Options: ``--split`` (test|val), ``--checkpoint`` (base weights file), ``--batch-size``,
+    ``--num-workers``, ``--device`` (auto|cpu|cuda), ``--limit-batches``. Parse with
+    ``parser.parse_intermixed_args()`` so overrides may come before or after options; then `load_source`,
+    `build_eval_datamodule` and `resolve_device`.
+    """
+    parser.add_argument("source", help=f"what to evaluate: {EXPECTED_SOURCES}")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="data=NAME | data.KEY=VALUE",
+        help="dataset: an option of conf/data (default: the data the source was trained on), and keys to override",
+    )
+    parser.add_argument("--split", choices=SPLITS, default="test", help="split to evaluate (default: test)")
+    parser.add_argument("--checkpoint", help="base weights file of an adapter, when the recorded one is not here")
+    parser.add_argument("--batch-size", type=_positive_int, help="images per batch (default: the data config's)")
+    parser.add_argument("--num-workers", type=int, help="DataLoader worker processes (default: the data config's)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if available")
+    parser.add_argument("--limit-batches", type=_positive_int, help="evaluate at most this many batches")
+
+
+def resolve_device(name: str) -> torch.device:
+    """`--device`: "auto" is CUDA when available, else the CPU; "cuda" without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise EvaluationError("--device cuda, but no CUDA device is available; use --device cpu or auto")
+    return torch.device(name)
+
+
+def data_options() -> list[str]:
+    """The options of the project's `conf/data/` group."""
+    return sorted(p.stem for p in (CONF_DIR / "data").glob("*.yaml"))
+
+
+def parse_overrides(overrides: Sequence[str]) -> tuple[str | None, dict[str, str]]:
+    """Split ``data=NAME`` / ``data.KEY=VALUE`` arguments into (option or None, {key: value}); check the option."""
+    option: str | None = None
+    keys: dict[str, str] = {}
+    for override in overrides:
+        match = _OVERRIDE.match(override)
+        if match is None:
+            raise EvaluationError(f"argument {override!r} is not data=NAME or data.KEY=VALUE")
+        if match["key"] is None:
+            option = match["value"]
+        else:
+            keys[match["key"]] = match["value"]
+    if option is not None and option not in data_options():
+        raise EvaluationError(f"data={option} is not a data option; options: {', '.join(data_options())}")
+    return option, keys
+
+
+def _check_keys(keys: Iterable[str], valid: Iterable[str], what: str) -> None:
+    valid = sorted(valid)
+    unknown = [key for key in keys if key.split(".")[0] not in valid]
+    if unknown:
+        raise EvaluationError(f"data.{unknown[0]} is not a key of {what}; keys: {', '.join(valid)}")
+
+
+def _compose_data(option: str, overrides: Sequence[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[f"data={option}", *overrides])
+    return OmegaConf.create(OmegaConf.to_container(cfg.data, resolve=True))
+
+
+def data_name(cfg: DictConfig) -> str:
+    """A short name of a data config for file names: its preset, or its datamodule class without "DataModule"."""
+    return cfg.get("preset") or re.sub(r"DataModule$", "", cfg._target_.rsplit(".", 1)[-1]).lower()
+
+
+def select_data(
+    overrides: Sequence[str],
+    recorded: DictConfig | None,
+    image_size: int | None,
+    options: Mapping[str, Any] | None = None,
+) -> tuple[str, DictConfig]:
+    """(name, resolved `data` config) chosen by `overrides` (see `add_eval_arguments`).
+
+    Without ``data=NAME`` the `recorded` config is the base. A composed option gets the model's `image_size` and the
+    recorded seed (which fixes the validation split) unless the overrides set them. `options` (batch_size, ...)
+    apply last.
+    """
+    option, keys = parse_overrides(overrides)
+    if option is None:
+        if recorded is None:
+            raise EvaluationError(
+                "the source recorded no training data config; choose the data with data=NAME "
+                f"(options: {', '.join(data_options())})"
+            )
+        _check_keys(keys, recorded, "the recorded data config")
+        cfg = OmegaConf.merge(recorded, OmegaConf.from_dotlist([f"{k}={v}" for k, v in keys.items()]))
+        name = data_name(cfg)
+    else:
+        _check_keys(keys, _compose_data(option, []), f"data={option}")
+        defaults = {"image_size": image_size, "seed": recorded.get("seed") if recorded else None}
+        implied = [f"data.{k}={v}" for k, v in defaults.items() if v is not None and k not in keys]
+        cfg = _compose_data(option, [*implied, *(f"data.{k}={v}" for k, v in keys.items())])
+        name = option
+    return name, OmegaConf.merge(cfg, {k: v for k, v in (options or {}).items() if v is not None})
+
+
+def build_eval_datamodule(args: argparse.Namespace, loaded: Loaded) -> EvalData:
+    """The data `args` choose (see `add_eval_arguments`), with transforms for `loaded.model`, set up for `args.split`.
+
+    Refuses data whose class count differs from the model's.
+    """
+    name, cfg = select_data(
+        args.overrides,
+        loaded.data_cfg,
+        loaded.image_size,
+        {"batch_size": args.batch_size, "num_workers": args.num_workers},
+    )
+    try:
+        datamodule = build_datamodule(cfg)
+    except ValueError as err:  # the datamodule's own check of an option, naming the key and the valid values
+        raise EvaluationError(f"data {name}: {err}") from None
+    if datamodule.num_classes != loaded.num_classes:
+        raise EvaluationError(
+            f"the model has {loaded.num_classes} classes, data {name} has {datamodule.num_classes}; evaluate on data "
+            "with the classes the model was trained on"
+        )
+    datamodule.data_config = model_data_config(loaded.model, cfg.image_size, cfg.crop_pct)
+    datamodule.setup(_SPLIT_STAGES[args.split])
+    return EvalData(datamodule, name, args.split, cfg)
+
+
+def _table(rows: Sequence[tuple[str, str]]) -> str:
+    width = max(len(key) for key, _ in rows)
+    return "\n".join(f"{key.ljust(width)}  {value}" for key, value in rows)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(
+        prog="python -m lora_vision.evaluate", description="Evaluate a run, adapter or merged export on a dataset."
+    )
+    add_eval_arguments(parser)
+    parser.add_argument("--out", help="result JSON (default: <source dir>/eval/<data name>_<split>.json)")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        device = resolve_device(args.device)
+        source = locate_source(args.source)
+        # Every data error (unknown option or key, no recorded data) surfaces before the model is built.
+        select_data(args.overrides, source.data_cfg, source.image_size)
+        loaded = load_source(source, args.checkpoint)
+        data = build_eval_datamodule(args, loaded)
+    except (EvaluationError, *USER_ERRORS) as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    scores = evaluate_model(loaded.model, data.dataloader(), loaded.num_classes, device, args.limit_batches)
+    record = {
+        "source": str(source.path.resolve()),
+        "kind": source.kind,
+        "model": loaded.model_name,
+        "data": data.name,
+        "split": data.split,
+        **scores,
+        "limit_batches": args.limit_batches,
+        "base_checkpoint": args.checkpoint,
+        "data_config": OmegaConf.to_container(data.cfg),
+        "versions": versions(),
+    }
+    out = Path(args.out) if args.out else source.home / "eval" / f"{data.name}_{data.split}.json"
+    write_json_atomic(out, record)
+    rows = [("source", str(source.path)), ("data", data.name), ("split", data.split), ("images", str(scores["images"]))]
+    rows += [("top-1", f"{scores['acc1']:.2%}"), ("top-5", f"{scores['acc5']:.2%}"), ("loss", f"{scores['loss']:.4f}")]
+    print(f"{_table(rows)}\nwritten to {out}")
+    return record
+
+
+if __name__ == "__main__":
+    main()

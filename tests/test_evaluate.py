@@ -1,0 +1,183 @@
+"""Evaluation: metrics on a hand-built case, a trained run evaluated again (and its adapter), and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import lora_vision.evaluate as evaluate
+from lora_vision.evaluate import evaluate_model, load_source, locate_source, main
+from lora_vision.export import main as export_main
+from lora_vision.methods import LoRA
+from lora_vision.train import run
+from tests.conftest import tiny_vit
+from tests.test_adapters import VIT_KWARGS, adapted
+from tests.test_config import composed
+
+
+class Recorder(nn.Identity):
+    """Passes its input through as logits and remembers whether it ran in train mode."""
+
+    modes: list[bool]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.modes = [*getattr(self, "modes", []), self.training]
+        return x
+
+
+def test_evaluate_model_on_known_logits() -> None:
+    ranked = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0, 0.0])
+    logits = torch.stack([ranked, ranked, ranked, ranked.flip(0)])
+    # label 0: top-1; label 4: 5th best, top-5 only; label 5: neither; flipped with label 5: top-1.
+    labels = torch.tensor([0, 4, 5, 5])
+    loader = DataLoader(TensorDataset(logits, labels), batch_size=3)  # uneven batches must accumulate
+    model = Recorder().train()
+    scores = evaluate_model(model, loader, num_classes=6)
+    log_partition = math.log(sum(math.exp(k) for k in range(6)))
+    assert scores["acc1"] == 0.5 and scores["acc5"] == 0.75 and scores["images"] == 4
+    assert scores["loss"] == pytest.approx(log_partition - (5 + 1 + 0 + 5) / 4)
+    assert model.modes == [False, False] and model.training  # ran in eval mode, mode restored
+    first = evaluate_model(model, loader, num_classes=6, limit_batches=1)
+    assert first["images"] == 3 and first["acc1"] == pytest.approx(1 / 3) and first["acc5"] == pytest.approx(2 / 3)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The smoke experiment, checkpointing its *worst* epoch, so the best checkpoint is not the final weights."""
+    run_dir = tmp_path_factory.mktemp("smoke")
+    with composed("+exp=smoke", "callbacks.model_checkpoint.mode=min", output_dir=run_dir) as cfg:
+        run(cfg)
+        (run_dir / ".hydra").mkdir()
+        OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")  # what @hydra.main leaves in a run directory
+    return run_dir
+
+
+def results(run_dir: Path) -> dict:
+    return json.loads((run_dir / "results.json").read_text())
+
+
+def assert_adapter_holds_the_best_checkpoint(run_dir: Path) -> None:
+    record = results(run_dir)
+    best = torch.load(record["best_checkpoint"], map_location="cpu", weights_only=False)
+    # Training went on after the best checkpoint, so its weights are not the final ones.
+    assert best["global_step"] < record["steps"]
+    adapter = safetensors.torch.load_file(Path(record["adapter_dir"]) / "adapter.safetensors")
+    assert set(adapter) == {key.removeprefix("model.") for key in best["state_dict"]}
+    for key, tensor in adapter.items():
+        assert torch.equal(tensor, best["state_dict"][f"model.{key}"]), key
+    assert record["adapter_bytes"] == (Path(record["adapter_dir"]) / "adapter.safetensors").stat().st_size
+    meta = json.loads((Path(record["adapter_dir"]) / "adapter.json").read_text())
+    assert meta["base_fingerprint"] == record["base_fingerprint"]
+
+
+def test_a_run_saves_the_adapter_of_its_best_checkpoint(smoke_run: Path) -> None:
+    assert_adapter_holds_the_best_checkpoint(smoke_run)
+
+
+def test_without_a_test_the_best_checkpoint_is_loaded_for_the_adapter(tmp_path: Path) -> None:
+    with composed("+exp=smoke", "callbacks.model_checkpoint.mode=min", "test=false", output_dir=tmp_path) as cfg:
+        run(cfg)
+    assert_adapter_holds_the_best_checkpoint(tmp_path)
+
+
+def test_cli_reproduces_the_recorded_test_and_validation_accuracy(smoke_run: Path, capsys) -> None:
+    record = results(smoke_run)
+    test = main([str(smoke_run)])
+    assert test["kind"] == "run" and test["data"] == "synthetic" and test["images"] == 128
+    assert test["acc1"] == pytest.approx(record["test_acc1"], abs=1e-6)
+    assert test["acc5"] == pytest.approx(record["test_acc5"], abs=1e-6)
+    assert test["loss"] == pytest.approx(record["test_loss"], rel=1e-4)
+    assert json.loads((smoke_run / "eval" / "synthetic_test.json").read_text())["acc1"] == test["acc1"]
+    assert "top-1" in capsys.readouterr().out
+    val = main([str(smoke_run), "--split", "val"])
+    assert val["acc1"] == pytest.approx(record["best_val_acc1"], abs=1e-6)
+
+
+def test_a_composed_data_option_gives_the_same_data(smoke_run: Path, tmp_path: Path) -> None:
+    # data=synthetic starts from the option's own defaults; the model's image size and the run's seed carry over.
+    options = ["data=synthetic", "data.num_classes=4", "data.num_samples=256", "data.num_test_samples=128"]
+    adapter_file = smoke_run / "adapter" / "adapter.safetensors"
+    scores = main([str(adapter_file), *options, "--batch-size", "32", "--out", str(tmp_path / "eval.json")])
+    assert scores["kind"] == "adapter" and scores["data_config"]["image_size"] == 32
+    assert scores["acc1"] == pytest.approx(results(smoke_run)["test_acc1"], abs=1e-6)
+    assert (tmp_path / "eval.json").is_file()
+
+
+def test_a_merged_export_of_the_run_scores_the_same(smoke_run: Path, tmp_path: Path) -> None:
+    export_main([str(smoke_run), "--out", str(tmp_path / "merged")])
+    scores = main([str(tmp_path / "merged"), "--limit-batches", "2"])
+    assert scores["kind"] == "merged" and scores["images"] == 64
+    expected = main([str(smoke_run), "--limit-batches", "2", "--out", str(tmp_path / "run.json")])
+    assert scores["acc1"] == expected["acc1"] and scores["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+    assert (tmp_path / "merged" / "eval" / "synthetic_test.json").is_file()
+
+
+@pytest.fixture
+def bare_adapter(tmp_path: Path) -> Path:
+    """An adapter saved without a data config."""
+    adapted(tiny_vit, LoRA(rank=4, targets=["qv"]), tmp_path / "adapter", "vit_small_patch16_224", VIT_KWARGS)
+    return tmp_path / "adapter"
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Input errors must surface before any model is built."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(evaluate, "load_source", refuse)
+
+
+def cli_error(capsys: pytest.CaptureFixture, *argv: str) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        main(list(argv))
+    assert exit_.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("no_model_loading")
+def test_cli_refuses_bad_sources(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    expected = "expected a training run directory (with .hydra/ and adapter/), an adapter directory"
+    assert "does not exist; " + expected in cli_error(capsys, str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    assert "is not an evaluation source; " + expected in cli_error(capsys, str(tmp_path / "empty"))
+    (tmp_path / "run" / ".hydra").mkdir(parents=True)
+    (tmp_path / "run" / ".hydra" / "config.yaml").write_text("{}\n")
+    assert "has no adapter/" in cli_error(capsys, str(tmp_path / "run"))
+
+
+@pytest.mark.usefixtures("no_model_loading")
+def test_cli_refuses_bad_data_arguments_before_loading(
+    smoke_run: Path, bare_adapter: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run_dir = str(smoke_run)
+    assert "data=nosuch is not a data option; options: cifar10, cifar100," in cli_error(capsys, run_dir, "data=nosuch")
+    assert "is not data=NAME or data.KEY=VALUE" in cli_error(capsys, run_dir, "model=resnet18")
+    error = cli_error(capsys, run_dir, "data.nosuch=1")
+    assert "data.nosuch is not a key of the recorded data config; keys: " in error and "num_samples" in error
+    assert "is not a key of data=cifar10" in cli_error(capsys, run_dir, "data=cifar10", "data.nosuch=1")
+    assert "recorded no training data config; choose the data with data=NAME" in cli_error(capsys, str(bare_adapter))
+    assert "invalid choice: 'train'" in cli_error(capsys, run_dir, "--split", "train")
+    assert "expected an integer >= 1, got 0" in cli_error(capsys, run_dir, "--limit-batches", "0")
+
+
+def test_cli_refuses_data_with_another_class_count(smoke_run: Path, capsys: pytest.CaptureFixture) -> None:
+    error = cli_error(capsys, str(smoke_run), "data.num_classes=5")
+    assert "the model has 4 classes, data synthetic has 5" in error
+
+
+def test_load_source_tells_the_kinds_apart(smoke_run: Path, bare_adapter: Path) -> None:
+    assert locate_source(smoke_run).kind == "run"
+    assert locate_source(bare_adapter / "adapter.json").kind == "adapter"
+    loaded = load_source(bare_adapter)
+    assert loaded.kind == "adapter" and loaded.num_classes == 10 and loaded.data_cfg is None
+    assert loaded.image_size == 32 and not loaded.model.training
