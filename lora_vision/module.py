@@ -91,13 +91,18 @@ class Classifier(L.LightningModule):
         return self.model(images)
 
     def train(self, mode: bool = True) -> Classifier:
-        # Lightning switches the whole module to train mode at every epoch start and after validation;
-        # overriding train() is the one place that sees all of those switches.
+        # Whoever switches the module to training, frozen BatchNorm stays in eval mode.
         super().train(mode)
         if mode and self.hparams.frozen_bn_eval:
             for bn in frozen_batchnorms(self.model):
                 bn.eval()
         return self
+
+    def on_train_epoch_start(self) -> None:
+        # Lightning 2.x never calls train() while fitting: a module keeps the mode it was built in (train, for
+        # every fresh nn.Module) and validation restores each submodule's own flag afterwards. Without this, frozen
+        # BatchNorm would normalise with batch statistics and overwrite the backbone's running statistics.
+        self.train()
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         images, labels = batch

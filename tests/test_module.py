@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import timm
 import torch
@@ -46,6 +47,23 @@ def test_frozen_batchnorm_stays_in_eval_mode(method, bn_eval: bool) -> None:
     before = model.bn1.running_mean.clone()
     module(torch.randn(2, 3, 32, 32))
     assert torch.equal(model.bn1.running_mean, before) is bn_eval
+
+
+@pytest.mark.parametrize(("method", "kept"), [(LoRA(rank=2, targets=["conv3x3"]), True), (FullFineTune(), False)])
+def test_a_lightning_fit_keeps_frozen_batchnorm_statistics(method, kept: bool, tmp_path) -> None:
+    # Through a real Trainer: Lightning does not call train() itself, so a train() override alone is not enough.
+    model = tiny_resnet()
+    method.apply(model)
+    before = {n: b.clone() for n, b in model.named_buffers() if "running_" in n}
+    data = torch.utils.data.TensorDataset(torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,)))
+    loader = torch.utils.data.DataLoader(data, batch_size=4)
+    trainer = L.Trainer(
+        max_epochs=2, limit_val_batches=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(classifier(model), loader, loader)
+    unchanged = [torch.equal(b, before[n]) for n, b in model.named_buffers() if "running_" in n]
+    assert all(unchanged) if kept else not any(unchanged)
 
 
 def test_frozen_batchnorm_option_can_be_turned_off() -> None:
