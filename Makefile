@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 EXP ?= vit_r8
 ARGS ?=
 
-.PHONY: install test lint train clean
+.PHONY: install test lint train bench clean
 
 install: $(STAMP)
 
@@ -29,6 +29,9 @@ test: lint
 
 train: $(STAMP)
 	$(BIN)/python -m lora_vision.train +exp=$(EXP) $(ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python -m lora_vision.bench --out experiments/benchmarks
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,99 @@
+"""Command line: ``python -m lora_vision.bench [--device cpu|cuda] [--quick] [--configs GLOB ...] [--out DIR]``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import os
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+
+import torch
+
+from lora_vision.bench.configs import CONFIGS, PRECISIONS, Settings, select_configs
+from lora_vision.bench.report import machine, markdown, write_record
+from lora_vision.bench.run import run_benchmark
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m lora_vision.bench",
+        description="Time LoRA training steps against their floor and against PEFT; write results.md/.csv/.json.",
+    )
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="bf16 runs under autocast")
+    parser.add_argument("--batch-size", type=_positive, help="one batch size for every model (default: per model)")
+    parser.add_argument("--steps", type=_positive, help="training steps per timed sample (default 1)")
+    parser.add_argument("--repeats", type=_positive, help="timed rounds, in rotating order (default 5)")
+    parser.add_argument("--warmup", type=int, help="untimed rounds first (default 1)")
+    parser.add_argument(
+        "--configs", nargs="+", metavar="GLOB", help=f"configurations to run (default all): {CONFIGS[0].name}, ..."
+    )
+    parser.add_argument("--list", action="store_true", help="list the configurations and exit")
+    parser.add_argument("--out", help="directory for results.md, results.csv and results.json")
+    parser.add_argument("--quick", action="store_true", help="tiny models, 1 warm-up and 2 timed rounds (for tests)")
+    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory children")
+    parser.add_argument("--no-inference", dest="inference", action="store_false", help="skip inference timings")
+    return parser.parse_args(argv)
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    defaults = Settings(warmup=1, repeats=2) if args.quick else Settings()
+    given = {key: getattr(args, key) for key in ("steps", "repeats", "warmup") if getattr(args, key) is not None}
+    return dataclasses.replace(
+        defaults,
+        **given,
+        device=args.device,
+        precision=args.precision,
+        batch_size=args.batch_size,
+        quick=args.quick,
+        memory=args.memory,
+        inference=args.inference,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if args.list:
+        print("\n".join(config.name for config in CONFIGS))
+        return 0
+    settings = settings_from(args)
+    if torch.device(settings.device).type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    try:
+        configs = select_configs(args.configs)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    started, load_start = time.perf_counter(), os.getloadavg()[0]
+    rows = run_benchmark(configs, settings)
+    record = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": shlex.join(["python", "-m", "lora_vision.bench", *argv]),
+        "wall_s": time.perf_counter() - started,
+        "load_start": load_start,
+        "load_end": os.getloadavg()[0],
+        "machine": machine(settings),
+        "settings": dataclasses.asdict(settings),
+        "rows": rows,
+    }
+    if args.out:
+        for path in write_record(args.out, record):
+            print(f"wrote {path}")
+    else:
+        print(markdown(record))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""What the benchmark runs: models, LoRA configurations, reference baselines and the run settings."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import timm
+from torch import nn
+
+LORA, LINEAR_PROBE, FULL = "lora", "linear_probe", "full"
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A timm model at random init (weights do not change the cost) and its default benchmark batch."""
+
+    label: str
+    timm_name: str
+    batch_size: int
+    image_size: int
+    kwargs: tuple[tuple[str, Any], ...] = ()
+    num_classes: int = 100
+
+    def create(self) -> nn.Module:
+        return timm.create_model(self.timm_name, pretrained=False, num_classes=self.num_classes, **dict(self.kwargs))
+
+
+def _tiny_vit(label: str, dim: int, heads: int) -> ModelSpec:
+    shape = (("depth", 2), ("embed_dim", dim), ("num_heads", heads), ("img_size", 32), ("patch_size", 8))
+    return ModelSpec(label, "vit_small_patch16_224", 2, 32, shape)
+
+
+# Batches are small so that the default run takes minutes on a 2-core CPU; --batch-size scales them up on a GPU.
+MODELS: dict[str, ModelSpec] = {
+    "vit_s16": ModelSpec("ViT-S/16 224px", "vit_small_patch16_224", 8, 224),
+    "vit_b16": ModelSpec("ViT-B/16 224px", "vit_base_patch16_224", 4, 224),
+    "resnet50": ModelSpec("ResNet-50 224px", "resnet50", 4, 224),
+}
+# --quick keeps every configuration but swaps in models that run a step in milliseconds (for tests).
+QUICK_MODELS: dict[str, ModelSpec] = {
+    "vit_s16": _tiny_vit("tiny ViT (2 blocks, dim 64, 32px)", 64, 2),
+    "vit_b16": _tiny_vit("tiny ViT (2 blocks, dim 96, 32px)", 96, 3),
+    "resnet50": ModelSpec("ResNet-18 32px", "resnet18", 2, 32),
+}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One row of the benchmark: LoRA on `targets` (restricted to `blocks`), or a reference baseline.
+
+    PEFT's twin adapts exactly the modules ours adapts, each as a whole: where ours adapts q/v slices of a fused
+    qkv layer, PEFT's peer is its only option, the whole qkv with one shared A (same parameter count).
+    """
+
+    model: str
+    variant: str
+    targets: tuple[str, ...] = ()
+    blocks: str | None = None
+    peft_peer: str = "same modules"
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}/{self.variant}"
+
+    @property
+    def method(self) -> str:
+        return LORA if self.targets else self.variant
+
+
+def _model_configs(model: str) -> list[BenchConfig]:
+    return [BenchConfig(model, LINEAR_PROBE, peft_peer=""), BenchConfig(model, FULL, peft_peer="")]
+
+
+def _vit_configs(model: str) -> list[BenchConfig]:
+    return [
+        BenchConfig(model, "qkv", ("qkv_fused",)),
+        BenchConfig(model, "qv", ("qv",), peft_peer="whole qkv"),
+        BenchConfig(model, "all_linear", ("all_linear",)),
+        BenchConfig(model, "last4_all_linear", ("all_linear",), blocks="-4:"),
+        *_model_configs(model),
+    ]
+
+
+CONFIGS: tuple[BenchConfig, ...] = (
+    *_vit_configs("vit_s16"),
+    *_vit_configs("vit_b16"),
+    BenchConfig("resnet50", "conv3x3", ("conv3x3",)),
+    *_model_configs("resnet50"),
+)
+
+
+def select_configs(patterns: Sequence[str] | None) -> list[BenchConfig]:
+    """Configurations whose name matches any glob (e.g. ``vit_s16/*``, ``*/qv``), in benchmark order."""
+    if not patterns:
+        return list(CONFIGS)
+    names = [c.name for c in CONFIGS]
+    unknown = [p for p in patterns if not fnmatch.filter(names, p)]
+    if unknown:
+        raise ValueError(f"--configs {unknown} match no configuration; choose from {', '.join(names)}")
+    return [c for c in CONFIGS if any(fnmatch.fnmatchcase(c.name, p) for p in patterns)]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How every configuration is run; the same for all sides of a row."""
+
+    device: str = "cpu"
+    precision: str = "fp32"
+    batch_size: int | None = None
+    warmup: int = 1
+    repeats: int = 5
+    steps: int = 1
+    memory_steps: int = 2
+    rank: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    lr: float = 1e-4
+    seed: int = 0
+    quick: bool = False
+    memory: bool = True
+    inference: bool = True
+
+    def model(self, config: BenchConfig) -> ModelSpec:
+        return (QUICK_MODELS if self.quick else MODELS)[config.model]
+
+    def batch(self, spec: ModelSpec) -> int:
+        return self.batch_size or spec.batch_size

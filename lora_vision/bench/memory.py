@@ -1,0 +1,70 @@
+"""Peak training memory per side, each measured in a fresh child process.
+
+On CPU the only honest peak is the resident set size, and the kernel keeps its high-water mark
+(`ru_maxrss`) for the lifetime of a process; in one process the second side measured would also see the
+first's peak, and memory the allocator keeps cached from it. So every side runs in its own child: it builds the
+side from the same seed, records `ru_maxrss` (model, batch and runtime are in it by then), runs a few training
+steps, and reports by how much the high-water mark rose: activations, gradients and optimizer state, the part
+that differs between implementations. On CUDA the child reports `torch.cuda.max_memory_allocated()` above what
+was allocated before the first step, which is the same quantity without the process boundary.
+
+Children are forked from a forkserver that has already imported torch, timm and PEFT, so a measurement costs a
+model build and a few steps rather than several seconds of imports.
+"""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing
+import resource
+import sys
+from concurrent.futures import ProcessPoolExecutor
+
+import torch
+
+from lora_vision.bench.configs import BenchConfig, Settings
+from lora_vision.bench.peft_side import peft_version
+from lora_vision.bench.sides import TrainStep, build_base, make_batch, prepare_side
+
+MIB = 2**20
+# Linux reports ru_maxrss in KiB, macOS in bytes.
+_RSS_UNIT = 1 if sys.platform == "darwin" else 1024
+
+
+def _context() -> multiprocessing.context.BaseContext:
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["lora_vision.bench.sides", *(["peft"] if peft_version() else [])])
+    return context
+
+
+def _max_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * _RSS_UNIT
+
+
+def measure_in_this_process(config: BenchConfig, side: str, settings: Settings) -> float:
+    """Peak memory (MiB) that `settings.memory_steps` training steps add to the built side."""
+    spec = settings.model(config)
+    model = prepare_side(build_base(spec, settings), config, side, settings)
+    step = TrainStep(model, *make_batch(spec, settings), settings)
+    gc.collect()
+    cuda = torch.device(settings.device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        before = _max_rss()
+    for _ in range(settings.memory_steps):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / MIB
+    return (_max_rss() - before) / MIB
+
+
+def peak_memory_mib(config: BenchConfig, side: str, settings: Settings) -> float:
+    """`measure_in_this_process` run in a fresh child process, so no other side's memory is counted."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=_context()) as pool:
+        return pool.submit(measure_in_this_process, config, side, settings).result()

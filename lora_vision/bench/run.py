@@ -1,0 +1,103 @@
+"""Running the benchmark: per configuration, training-step timings, peak memory and inference timings."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lora_vision.bench.configs import LORA, BenchConfig, Settings
+from lora_vision.bench.flops import step_flops
+from lora_vision.bench.memory import peak_memory_mib
+from lora_vision.bench.peft_side import peft_version
+from lora_vision.bench.sides import (
+    FLOOR,
+    OURS,
+    PEFT,
+    TrainStep,
+    build_base,
+    inference_step,
+    make_batch,
+    prepare_side,
+    sides_of,
+    trainable_parameters,
+)
+from lora_vision.bench.timing import Stats, time_alternating
+from lora_vision.lora import merge_and_unload
+
+
+def _sync(settings: Settings) -> Callable[[], object]:
+    if torch.device(settings.device).type == "cuda":
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+def _ratio(numerator: Stats | None, denominator: Stats | None) -> float | None:
+    if numerator is None or denominator is None:
+        return None
+    return numerator.median / denominator.median
+
+
+def _inference(base: nn.Module, models: dict[str, nn.Module], config: BenchConfig, settings: Settings) -> dict:
+    """Base vs merged vs unmerged forward passes (eval, inference mode), timed side by side."""
+    images, _ = make_batch(settings.model(config), settings)
+    candidates = {"base": base, "merged": merge_and_unload(models[OURS]), "unmerged": models[OURS]}
+    if PEFT in models:
+        candidates["peft_unmerged"] = models[PEFT]
+    calls = {name: inference_step(model, images, settings) for name, model in candidates.items()}
+    stats = time_alternating(calls, settings.warmup, settings.repeats, settings.steps, _sync(settings))
+    return {
+        "ms": {name: s.as_dict() for name, s in stats.items()},
+        "merged_over_base": _ratio(stats["merged"], stats["base"]),
+        "unmerged_over_base": _ratio(stats["unmerged"], stats["base"]),
+        "peft_unmerged_over_base": _ratio(stats.get("peft_unmerged"), stats["base"]),
+    }
+
+
+def bench_config(config: BenchConfig, settings: Settings) -> dict[str, Any]:
+    """One row: every side built from one model, timed in rotating order; then memory and inference."""
+    spec = settings.model(config)
+    base = build_base(spec, settings)
+    images, labels = make_batch(spec, settings)
+    sides = sides_of(config, with_peft=peft_version() is not None)
+    models = {side: prepare_side(copy.deepcopy(base), config, side, settings) for side in sides}
+    calls = {side: TrainStep(model, images, labels, settings) for side, model in models.items()}
+    stats = time_alternating(calls, settings.warmup, settings.repeats, settings.steps, _sync(settings))
+    row: dict[str, Any] = {
+        "config": config.name,
+        "model": spec.label,
+        "method": config.method,
+        "targets": list(config.targets),
+        "blocks": config.blocks,
+        "peft_peer": config.peft_peer if PEFT in models else None,
+        "batch_size": settings.batch(spec),
+        "trainable": {side: trainable_parameters(model) for side, model in models.items()},
+        "ms": {side: s.as_dict() for side, s in stats.items()},
+        "peft_over_ours": _ratio(stats.get(PEFT), stats[OURS]),
+        "ours_over_floor": _ratio(stats[OURS], stats.get(FLOOR)),
+        "gflops": {side: step_flops(config, side, settings) / 1e9 for side in sides},
+    }
+    del calls  # the optimizers' state; the children below and inference need none of it
+    gc.collect()
+    if settings.memory:
+        row["peak_mib"] = {side: peak_memory_mib(config, side, settings) for side in sides}
+    if settings.inference and config.method == LORA:
+        row["inference"] = _inference(base, models, config, settings)
+    return row
+
+
+def run_benchmark(
+    configs: Sequence[BenchConfig], settings: Settings, log: Callable[[str], object] = print
+) -> list[dict[str, Any]]:
+    rows = []
+    for config in configs:
+        spec = settings.model(config)
+        started = time.perf_counter()
+        rows.append(bench_config(config, settings))
+        log(f"{config.name}: {spec.label}, batch {settings.batch(spec)}, {time.perf_counter() - started:.0f} s")
+    return rows

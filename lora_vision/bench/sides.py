@@ -1,0 +1,108 @@
+"""Building each side of a benchmark row from one timm model, and the training step they all run."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lora_vision.bench.configs import FULL, LINEAR_PROBE, LORA, BenchConfig, ModelSpec, Settings
+from lora_vision.bench.floor import attach_floor
+from lora_vision.bench.peft_side import peft_adapted_names, peft_twin
+from lora_vision.lora import apply_lora, resolve_targets
+from lora_vision.methods import FullFineTune, LinearProbe
+
+OURS, PEFT, FLOOR = "ours", "peft", "floor"
+
+
+def build_base(spec: ModelSpec, settings: Settings) -> nn.Module:
+    """The model every side starts from; seeded, so a child process rebuilds the same weights."""
+    torch.manual_seed(settings.seed)
+    return spec.create().to(settings.device)
+
+
+def make_batch(spec: ModelSpec, settings: Settings) -> tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(settings.seed)
+    size = settings.batch(spec)
+    images = torch.randn(size, 3, spec.image_size, spec.image_size, generator=generator)
+    labels = torch.randint(0, spec.num_classes, (size,), generator=generator)
+    return images.to(settings.device), labels.to(settings.device)
+
+
+def adapted_names(model: nn.Module, config: BenchConfig) -> list[str]:
+    return [target.name for target in resolve_targets(model, config.targets, config.blocks)]
+
+
+def prepare_side(model: nn.Module, config: BenchConfig, side: str, settings: Settings) -> nn.Module:
+    """`model` (taken over, possibly wrapped) as the given side of the row, in train mode.
+
+    LoRA rows train only the adapters on every side (no head), so ours and PEFT train the same parameters.
+    """
+    if config.method == LINEAR_PROBE:
+        LinearProbe().apply(model)
+    elif config.method == FULL:
+        FullFineTune().apply(model)
+    elif side == OURS:
+        apply_lora(
+            model, config.targets, settings.rank, settings.alpha, settings.dropout, config.blocks, train_head=False
+        )
+    elif side == PEFT:
+        names = adapted_names(model, config)
+        model = peft_twin(model, names, settings.rank, settings.alpha, settings.dropout)
+        if sorted(peft_adapted_names(model)) != sorted(names):
+            raise RuntimeError(f"PEFT adapted {peft_adapted_names(model)}, not {names}")
+    elif side == FLOOR:
+        attach_floor(model, adapted_names(model, config))
+    else:
+        raise ValueError(f"unknown side {side!r}")
+    return model.train()
+
+
+def sides_of(config: BenchConfig, with_peft: bool) -> Sequence[str]:
+    if config.method != LORA:
+        return (OURS,)
+    return (OURS, PEFT, FLOOR) if with_peft else (OURS, FLOOR)
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def autocast(settings: Settings) -> contextlib.AbstractContextManager:
+    if settings.precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(settings.device).type, dtype=torch.bfloat16)
+
+
+class TrainStep:
+    """One training step: forward, cross-entropy, backward, AdamW over the trainable parameters, zero_grad.
+
+    The floor has no trainable parameters, hence no optimizer: its step is forward and backward only.
+    """
+
+    def __init__(self, model: nn.Module, images: Tensor, labels: Tensor, settings: Settings) -> None:
+        self.model, self.images, self.labels, self.settings = model, images, labels, settings
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=settings.lr) if params else None
+
+    def __call__(self) -> None:
+        with autocast(self.settings):
+            loss = F.cross_entropy(self.model(self.images), self.labels)
+        loss.backward()
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+
+def inference_step(model: nn.Module, images: Tensor, settings: Settings) -> Callable[[], None]:
+    """A forward pass in eval mode under `torch.inference_mode()`."""
+    model.eval()
+
+    def run() -> None:
+        with torch.inference_mode(), autocast(settings):
+            model(images)
+
+    return run

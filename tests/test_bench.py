@@ -1,0 +1,163 @@
+"""The benchmark harness: the floor, PEFT's twin, the timer and the CLI (no timing assertions)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from lora_vision.bench.__main__ import main
+from lora_vision.bench.configs import BenchConfig, Settings, select_configs
+from lora_vision.bench.floor import attach_floor
+from lora_vision.bench.sides import FLOOR, OURS, PEFT, adapted_names, prepare_side, trainable_parameters
+from lora_vision.bench.timing import Stats, rotated, time_alternating
+from lora_vision.lora import LoRALayer
+
+from .conftest import randomize_adapters, tiny_resnet, tiny_vit
+
+SETTINGS = Settings(quick=True, rank=4, alpha=8.0)
+VIT_QV = BenchConfig("vit", "qv", ("qv",), peft_peer="whole qkv")
+RESNET_LAST_STAGE = BenchConfig("resnet", "last_stage", ("resnet_last_stage",))
+
+
+def _outputs_of(model: nn.Module, names: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Inputs and outputs of the named modules in the next forward pass, outputs keeping their gradients."""
+    inputs, outputs = {}, {}
+
+    def keep(name: str):
+        def hook(module, args, output):
+            inputs[name] = args[0]
+            if output.requires_grad:
+                output.retain_grad()
+            outputs[name] = output
+
+        return hook
+
+    for name in names:
+        model.get_submodule(name).register_forward_hook(keep(name))
+    return inputs, outputs
+
+
+@pytest.mark.parametrize(("build", "config"), [(tiny_vit, VIT_QV), (tiny_resnet, RESNET_LAST_STAGE)])
+def test_floor_trains_nothing_and_gradients_stop_at_the_adapted_outputs(build, config, images) -> None:
+    floor = build().train()
+    names = adapted_names(floor, config)
+    attach_floor(floor, names)
+    inputs, outputs = _outputs_of(floor, names)
+    assert trainable_parameters(floor) == 0
+    floor(images).logsumexp(-1).sum().backward()
+    assert all(p.grad is None for p in floor.parameters())
+    # Every adapted layer's output gets its gradient, parallel branches (the downsample) included ...
+    assert all(outputs[name].grad is not None and outputs[name].grad.abs().sum() > 0 for name in names)
+    # ... and nothing below the lowest adapted layer: its input is not part of the graph.
+    assert not inputs[names[0]].requires_grad
+
+
+def test_floor_computes_the_activation_gradients_lora_sees(images) -> None:
+    """At init (B = 0) ours computes the base function, so the gradients at the adapted outputs must agree."""
+    base = tiny_vit().train()
+    ours = prepare_side(copy.deepcopy(base), VIT_QV, OURS, SETTINGS)
+    floor = prepare_side(copy.deepcopy(base), VIT_QV, FLOOR, SETTINGS)
+    names = adapted_names(base, VIT_QV)
+    seen = []
+    for model in (ours, floor):
+        _, outputs = _outputs_of(model, names)
+        model(images).logsumexp(-1).sum().backward()
+        seen.append(outputs)
+    for name in names:
+        torch.testing.assert_close(seen[0][name].grad, seen[1][name].grad)
+
+
+def _copy_adapters_into_peft(ours: nn.Module, twin: nn.Module) -> int:
+    twins = dict(twin.base_model.model.named_modules())
+    layers = [(name, m) for name, m in ours.named_modules() if isinstance(m, LoRALayer)]
+    with torch.no_grad():
+        for name, layer in layers:
+            a, b = twins[name].lora_A["default"].weight, twins[name].lora_B["default"].weight
+            a.copy_(layer.lora_A.view_as(a))
+            b.copy_(layer.lora_B.view_as(b))
+    return len(layers)
+
+
+@pytest.mark.parametrize(
+    ("build", "config"),
+    [
+        (tiny_vit, BenchConfig("vit", "qkv", ("qkv_fused",))),
+        (tiny_vit, BenchConfig("vit", "all_linear", ("all_linear",))),
+        (tiny_vit, BenchConfig("vit", "last2", ("all_linear",), blocks="-2:")),
+        (tiny_resnet, BenchConfig("resnet", "conv3x3", ("conv3x3",))),
+    ],
+)
+def test_peft_twin_computes_our_function_on_the_same_modules(build, config, images) -> None:
+    pytest.importorskip("peft", reason="peft is a dev dependency")
+    base = build()
+    ours = prepare_side(copy.deepcopy(base), config, OURS, SETTINGS).eval()
+    twin = prepare_side(copy.deepcopy(base), config, PEFT, SETTINGS).eval()
+    randomize_adapters(ours, std=0.05)
+    assert _copy_adapters_into_peft(ours, twin) == len(adapted_names(base, config))
+    assert trainable_parameters(ours) == trainable_parameters(twin)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(images), twin(images), atol=1e-5, rtol=1e-5)
+
+
+def test_peft_peer_of_q_v_slices_is_the_whole_qkv_with_the_same_budget() -> None:
+    pytest.importorskip("peft", reason="peft is a dev dependency")
+    base = tiny_vit()
+    ours = prepare_side(copy.deepcopy(base), VIT_QV, OURS, SETTINGS)
+    twin = prepare_side(copy.deepcopy(base), VIT_QV, PEFT, SETTINGS)
+    assert trainable_parameters(ours) == trainable_parameters(twin) > 0
+
+
+def test_timer_rotates_the_order_and_reports_medians() -> None:
+    order: list[str] = []
+    now = [0.0]
+    durations = {"a": iter([9.0, 1.0, 2.0, 3.0]), "b": iter([9.0, 10.0, 30.0, 20.0]), "c": iter([9.0, 5.0, 5.0, 5.0])}
+
+    def call(name: str):
+        def run() -> None:
+            order.append(name)
+            now[0] += next(durations[name])
+
+        return run
+
+    stats = time_alternating({n: call(n) for n in "abc"}, warmup=1, repeats=3, clock=lambda: now[0])
+    assert order == list("abc" + "abc" + "bca" + "cab")  # warm-up round, then a new leader each round
+    assert {n: s.median for n, s in stats.items()} == {"a": 2000.0, "b": 20000.0, "c": 5000.0}
+    assert (stats["b"].min, stats["b"].max, stats["b"].samples) == (10000.0, 30000.0, 3)
+    assert rotated(list("abc"), 4) == list("bca")
+
+
+def test_stats_quartiles() -> None:
+    stats = Stats.of([0.004, 0.001, 0.003, 0.002, 0.005])
+    assert (stats.median, stats.q1, stats.q3) == pytest.approx((3.0, 2.0, 4.0))
+    assert Stats.of([0.002]).q1 == Stats.of([0.002]).q3 == pytest.approx(2.0)
+
+
+def test_unknown_config_names_the_choices() -> None:
+    with pytest.raises(ValueError, match="vit_s16/qv"):
+        select_configs(["vit_s16/nope"])
+    assert [c.name for c in select_configs(["*/qv"])] == ["vit_s16/qv", "vit_b16/qv"]
+
+
+def test_quick_cli_writes_the_tables(tmp_path) -> None:
+    argv = ["--quick", "--configs", "vit_s16/qv", "resnet50/linear_probe", "--no-memory", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    table = (tmp_path / "results.md").read_text()
+    assert "python -m lora_vision.bench --quick --configs" in table
+    assert "| vit_s16/qv | tiny ViT" in table and "| resnet50/linear_probe |" in table
+    assert "## Inference" in table and "## Goals" in table
+    record = json.loads((tmp_path / "results.json").read_text())
+    qv = record["rows"][0]
+    assert set(qv["ms"]) >= {"ours", "floor"} and qv["ours_over_floor"] > 0
+    assert qv["inference"]["merged_over_base"] > 0
+    assert len((tmp_path / "results.csv").read_text().splitlines()) == 3
+
+
+@pytest.mark.slow
+def test_quick_cli_measures_memory_in_child_processes(tmp_path) -> None:
+    assert main(["--quick", "--configs", "vit_s16/qv", "--no-inference", "--out", str(tmp_path)]) == 0
+    peaks = json.loads((tmp_path / "results.json").read_text())["rows"][0]["peak_mib"]
+    assert set(peaks) >= {"ours", "floor"} and all(mib > 0 for mib in peaks.values())
