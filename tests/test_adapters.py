@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
 import safetensors.torch
+import timm
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -96,6 +98,16 @@ def test_round_trip_onto_a_fresh_base_gives_identical_logits(case: str, tmp_path
 
 def saved_keys(path: Path) -> set[str]:
     return set(safetensors.torch.load_file(path / ADAPTER_TENSORS))
+
+
+def test_vit_b16_rank8_qv_adapter_is_the_documented_size(tmp_path: Path) -> None:
+    # The README's figure: 294,912 adapter + 76,900 head values in fp32, plus the safetensors header.
+    make = partial(timm.create_model, "vit_base_patch16_224", pretrained=False, num_classes=100)
+    model = adapted(make, LoRA(rank=8, targets=["qv"]), tmp_path, "vit_base_patch16_224", {})
+    head = model.head.weight.numel() + model.head.bias.numel()
+    file = tmp_path / ADAPTER_TENSORS
+    header = struct.unpack("<Q", file.read_bytes()[:8])[0]
+    assert file.stat().st_size == 8 + header + (294_912 + head) * 4 < 2_000_000
 
 
 def test_file_holds_the_trainable_tensors_only_and_its_size_is_their_bytes(tmp_path: Path) -> None:
