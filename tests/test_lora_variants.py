@@ -185,7 +185,11 @@ def test_rank_and_alpha_patterns_set_each_layer_and_later_keys_win() -> None:
     ("kwargs", "message"),
     [
         (dict(rank_pattern={"blocks.9.*": 4}), r"rank_pattern key 'blocks.9.\*' matches none of the targeted"),
-        (dict(rank_pattern={"blocks.0.*": 0}), r"rank must be an integer >= 1, got 0"),
+        (
+            dict(rank_pattern={"blocks.0.*": 0}),
+            r"blocks.0.attn.qkv \(from rank_pattern.*rank must be an integer >= 1, got 0",
+        ),
+        (dict(rank_pattern={"blocks.0.*": "16"}), r"rank must be an integer >= 1, got '16'"),
         (dict(alpha_pattern={"blocks.0.*": -1.0}), r"alpha must be a finite number > 0"),
         (dict(rank_pattern={"blocks.0.*": 65}), r"blocks.0.attn.qkv \(rank 65 exceeds max 64\)"),
         (dict(init="svd"), r"init='svd' is not one of lora, pissa"),

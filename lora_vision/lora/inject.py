@@ -79,7 +79,10 @@ def apply_lora(
     ranks = resolve_patterns(rank_pattern, names, "rank_pattern")
     alphas = resolve_patterns(alpha_pattern, names, "alpha_pattern")
     for name in names:
-        check_hyperparameters(ranks.get(name, rank), alphas.get(name, alpha), dropout)
+        try:
+            check_hyperparameters(ranks.get(name, rank), alphas.get(name, alpha), dropout)
+        except LoRAConfigError as err:
+            raise LoRAConfigError(f"{name} (from rank_pattern/alpha_pattern): {err}") from None
     too_small = [
         f"{t.name} (rank {ranks.get(t.name, rank)} exceeds max {_max_rank(t)})"
         for t in resolved
