@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -169,12 +169,14 @@ def evaluate_model(
     num_classes: int,
     device: str | torch.device = "cpu",
     limit_batches: int | None = None,
+    batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float | int]:
     """Top-1/top-5 accuracy, mean cross-entropy and image count of `model` over `dataloader`.
 
     Runs in eval mode under `torch.inference_mode()` on `device` (the model is moved there), over at most
-    `limit_batches` batches; the model's train/eval mode is restored afterwards. Returns
-    ``{"acc1", "acc5", "loss", "images"}``.
+    `limit_batches` batches; the model's train/eval mode is restored afterwards. `batch_transform` is applied
+    to each batch of images once it is on `device`: pass the datamodule's `batch_transform`, which a
+    `resize_on_device` datamodule needs (Lightning calls it itself). Returns ``{"acc1", "acc5", "loss", "images"}``.
     """
     metrics = accuracy_metrics(num_classes).to(device)
     was_training = model.training
@@ -184,6 +186,8 @@ def evaluate_model(
         with torch.inference_mode():
             for inputs, labels in itertools.islice(dataloader, limit_batches):
                 inputs, labels = inputs.to(device), labels.to(device)
+                if batch_transform is not None:
+                    inputs = batch_transform(inputs)
                 logits = model(inputs)
                 loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
                 metrics.update(logits, labels)
@@ -353,7 +357,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         data = build_eval_datamodule(args, loaded)
     except (EvaluationError, *USER_ERRORS) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
-    scores = evaluate_model(loaded.model, data.dataloader(), loaded.num_classes, device, args.limit_batches)
+    scores = evaluate_model(
+        loaded.model,
+        data.dataloader(),
+        loaded.num_classes,
+        device,
+        args.limit_batches,
+        batch_transform=data.datamodule.batch_transform,
+    )
     record = {
         "source": str(source.path.resolve()),
         "kind": source.kind,

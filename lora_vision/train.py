@@ -31,6 +31,8 @@ from lora_vision.callbacks import TrainThroughput
 from lora_vision.config_checks import ConfigError, check_config
 from lora_vision.models import build_model, model_data_config
 from lora_vision.module import Classifier
+from lora_vision.performance import apply_performance_options
+from lora_vision.prefix_cache import PREFIX_CACHE_KEYS, SuffixClassifier, serve_run_prefix_cache
 from lora_vision.results import RESULTS_FILE, finite_or_none, git_state, versions, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -127,7 +129,7 @@ def check_launch_in_multirun(cfg: DictConfig, trainer: L.Trainer) -> None:
 def log_config(loggers: list[Logger], cfg: DictConfig) -> None:
     """Send the resolved experiment config to every logger (W&B config, hparams.yaml, TensorBoard hparams)."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    keys = ("exp_name", "seed", "model", "lora", "data", "optim", "module", "trainer")
+    keys = ("exp_name", "seed", "model", "lora", "data", "optim", "module", "perf", "trainer")
     params = {key: resolved.get(key) for key in keys}
     for logger in loggers:
         logger.log_hyperparams(params)
@@ -259,8 +261,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     )
     fingerprint = weights_fingerprint(model)
     summary = method.apply(model)
+    perf = OmegaConf.to_container(cfg.perf, resolve=True)
+    apply_performance_options(model, **{key: value for key, value in perf.items() if key not in PREFIX_CACHE_KEYS})
     datamodule.data_config = model_data_config(model, cfg.data.image_size, cfg.data.crop_pct)
-    module = Classifier(
+    module = (SuffixClassifier if cfg.perf.cache_prefix else Classifier)(
         model,
         num_classes,
         **OmegaConf.to_container(cfg.optim, resolve=True),
@@ -268,7 +272,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         lr_ratios=method.lr_ratios(),
         param_summary=summary,
     )
-    record = base_record(cfg, method, summary, num_classes) | {"base_fingerprint": fingerprint}
+    record = base_record(cfg, method, summary, num_classes) | {"base_fingerprint": fingerprint, "prefix_cache": None}
     results_path = Path(cfg.paths.output_dir) / RESULTS_FILE
 
     loggers = instantiate_all(cfg.get("logger"))
@@ -276,6 +280,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     try:
         trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
         check_launch_in_multirun(cfg, trainer)
+        if cfg.perf.cache_prefix:
+            datamodule, record["prefix_cache"] = serve_run_prefix_cache(cfg, module, datamodule, fingerprint, trainer)
         log_config(loggers, cfg)
         record |= fit_and_test(cfg, trainer, module, datamodule)
         record |= save_run_adapter(cfg, method, module, record["best_checkpoint"], fingerprint, num_classes)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lora_vision.bench.__main__ import main
-from lora_vision.bench.configs import BenchConfig, Settings, select_configs
+from lora_vision.bench.configs import BenchConfig, Settings, select_configs, select_options
 from lora_vision.bench.floor import attach_floor
 from lora_vision.bench.sides import FLOOR, OURS, PEFT, adapted_names, prepare_side, trainable_parameters
 from lora_vision.bench.timing import Stats, rotated, time_alternating
@@ -143,7 +143,16 @@ def test_unknown_config_names_the_choices() -> None:
 
 
 def test_quick_cli_writes_the_tables(tmp_path) -> None:
-    argv = ["--quick", "--configs", "vit_s16/qv", "resnet50/linear_probe", "--no-memory", "--out", str(tmp_path)]
+    argv = [
+        "--quick",
+        "--configs",
+        "vit_s16/qv",
+        "resnet50/linear_probe",
+        "--no-memory",
+        "--options",
+        "--out",
+        str(tmp_path),
+    ]
     assert main(argv) == 0
     table = (tmp_path / "results.md").read_text()
     assert "python -m lora_vision.bench --quick --configs" in table
@@ -154,6 +163,27 @@ def test_quick_cli_writes_the_tables(tmp_path) -> None:
     assert set(qv["ms"]) >= {"ours", "floor"} and qv["ours_over_floor"] > 0
     assert qv["inference"]["merged_over_base"] > 0
     assert len((tmp_path / "results.csv").read_text().splitlines()) == 3
+
+
+def test_option_rows_time_each_option_against_its_configuration(tmp_path) -> None:
+    argv = ["--quick", "--configs", "vit_s16/*", "resnet50/conv3x3", "--no-inference", "--no-memory"]
+    argv += ["--options", "compile", "channels_last", "grad_checkpointing", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    record = json.loads((tmp_path / "results.json").read_text())
+    options = {(row["config"], row["option"]): row for row in record["option_rows"]}
+    assert set(options) == {
+        ("vit_s16/qv", "compile"),
+        ("vit_s16/all_linear", "grad_checkpointing"),
+        ("resnet50/conv3x3", "channels_last"),
+        ("resnet50/conv3x3", "compile"),
+    }
+    assert all(row["speedup"] > 0 and set(row["ms"]) == {"without", "with"} for row in options.values())
+    assert "| resnet50/conv3x3 | channels_last |" in (tmp_path / "results.md").read_text()
+
+
+def test_unknown_option_names_the_choices() -> None:
+    with pytest.raises(ValueError, match="choose from bf16, compile"):
+        select_options(select_configs(None), ["fast"])
 
 
 @pytest.mark.slow

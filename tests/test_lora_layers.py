@@ -163,3 +163,48 @@ def test_training_a_merged_layer_is_refused() -> None:
 def test_bad_hyperparameters_are_refused(kwargs: dict, message: str) -> None:
     with pytest.raises(LoRAConfigError, match=message):
         LoRALinear(nn.Linear(4, 4), **kwargs)
+
+
+def composed_forward(layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:
+    """The layer's function built from plain torch ops (LoRALayer.forward), the reference for the fused node."""
+    return super(LoRALinear, layer).forward(x)
+
+
+@pytest.mark.parametrize("tokens", [3, 400], ids=["few tokens: added into the output", "many: folded into W"])
+@pytest.mark.parametrize(("num_slots", "slots", "dropout"), [(1, None, 0.0), (3, (0, 2), 0.0), (3, (1,), 0.3)])
+def test_fused_node_matches_the_composed_ops(tokens: int, num_slots: int, slots, dropout: float) -> None:
+    layer = LoRALinear(nn.Linear(24, 36), rank=4, alpha=6.0, num_slots=num_slots, slots=slots, dropout=dropout)
+    randomize_adapters(layer)
+    x = torch.randn(tokens, 24, requires_grad=True)
+    grad = torch.randn(tokens, 36)
+    results = []
+    for forward in (layer, lambda x: composed_forward(layer, x)):
+        torch.manual_seed(1)  # the same dropout mask for both
+        out = forward(x)
+        out.backward(grad)
+        results.append((out.detach(), x.grad, layer.lora_A.grad, layer.lora_B.grad))
+        x.grad = layer.lora_A.grad = layer.lora_B.grad = None
+    assert type(layer(x).grad_fn).__name__ == "_LinearWithLowRankBackward"
+    # Gradients are sums over the tokens, accumulated in another order by the fused GEMMs.
+    for fused, composed in zip(*results, strict=True):
+        torch.testing.assert_close(fused, composed, atol=1e-4, rtol=1e-4)
+
+
+def test_fused_node_under_bf16_autocast_matches_the_composed_ops() -> None:
+    layer = LoRALinear(nn.Linear(24, 36), rank=4, num_slots=3, slots=(0, 2))
+    randomize_adapters(layer)
+    x = torch.randn(400, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused, composed = layer(x), composed_forward(layer, x)
+    assert fused.dtype == composed.dtype == torch.bfloat16
+    torch.testing.assert_close(fused, composed, atol=0.05, rtol=0.02)
+    fused.float().sum().backward()
+    assert layer.lora_A.grad.dtype == torch.float32 and layer.lora_B.grad.abs().sum() > 0
+
+
+def test_fused_node_refuses_a_trainable_base_weight() -> None:
+    layer = LoRALinear(nn.Linear(4, 4), rank=2)
+    layer.base.weight.requires_grad_(True)
+    # The layer itself takes the composed path then, so the base weight still gets its gradient.
+    layer(torch.randn(3, 4)).sum().backward()
+    assert layer.base.weight.grad is not None

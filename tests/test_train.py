@@ -84,6 +84,14 @@ def test_same_command_twice_gives_identical_metrics(smoke_runs: list[Path]) -> N
     assert metrics[0] == metrics[1]
 
 
+def test_grad_checkpointing_trains_to_the_same_metrics(smoke_runs: list[Path], tmp_path: Path) -> None:
+    with composed("+exp=smoke", "perf.grad_checkpointing=true", output_dir=tmp_path) as cfg:
+        record = run(cfg)
+    smoke = json.loads((smoke_runs[0] / "results.json").read_text())
+    for key in ("best_val_acc1", "test_acc1", "test_loss"):
+        assert record[key] == pytest.approx(smoke[key], abs=1e-6), key
+
+
 def test_unknown_key_fails_before_training(tmp_path: Path) -> None:
     done = train(tmp_path / "run", "+exp=smoke", "optim.learning_rate=0.1")
     assert done.returncode != 0
@@ -100,6 +108,7 @@ def test_unknown_key_fails_before_training(tmp_path: Path) -> None:
         ("model.num_classes=7", ConfigError, "model.num_classes=7 does not match the 4 classes"),
         ("model.name=vit_tiny_patch16_22", ValueError, "vit_tiny_patch16_224"),
         ("model.checkpoint=missing.safetensors", ValueError, "model.checkpoint='missing.safetensors' does not exist"),
+        ("perf.compile=fast", ValueError, "perf.compile='fast' is invalid"),
     ],
 )
 def test_invalid_values_fail_before_training(override: str, error: type, message: str, tmp_path: Path) -> None:

@@ -110,12 +110,15 @@ def _truncation_summary(rows: Sequence[TruncationRow]) -> str:
 
 def _truncation(args: argparse.Namespace, loaded: Loaded, spectra: Sequence[SpectrumRow]) -> list[TruncationRow]:
     device = resolve_device(args.device)
-    loader = build_eval_datamodule(args, loaded).dataloader()
+    data = build_eval_datamodule(args, loaded)
+    loader = data.dataloader()
     ranks = args.ranks or default_ranks(trained_rank(loaded.model))
     return evaluate_truncations(
         loaded.model,
         ranks,
-        lambda model: evaluate_model(model, loader, loaded.num_classes, device, args.limit_batches),
+        lambda model: evaluate_model(
+            model, loader, loaded.num_classes, device, args.limit_batches, data.datamodule.batch_transform
+        ),
         spectra=spectra,
     )
 

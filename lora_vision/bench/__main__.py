@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from lora_vision.bench.configs import CONFIGS, PRECISIONS, Settings, select_configs
+from lora_vision.bench.configs import CONFIGS, OPTIONS, PRECISIONS, Settings, select_configs, select_options
 from lora_vision.bench.report import machine, markdown, write_record
 from lora_vision.bench.run import run_benchmark
 
@@ -44,11 +44,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny models, 1 warm-up and 2 timed rounds (for tests)")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory children")
     parser.add_argument("--no-inference", dest="inference", action="store_false", help="skip inference timings")
+    parser.add_argument(
+        "--options",
+        nargs="*",
+        default=list(OPTIONS),
+        metavar="OPTION",
+        help=f"speed/memory options to time against their configuration (default all: {', '.join(OPTIONS)}); "
+        "rows run only when their configuration is selected; none with an empty list",
+    )
     return parser.parse_args(argv)
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    defaults = Settings(warmup=1, repeats=2) if args.quick else Settings()
+    # Quick runs compile with aot_eager: traced like inductor, without its minute of C++ compilation.
+    defaults = Settings(warmup=1, repeats=2, compile_backend="aot_eager") if args.quick else Settings()
     given = {key: getattr(args, key) for key in ("steps", "repeats", "warmup") if getattr(args, key) is not None}
     return dataclasses.replace(
         defaults,
@@ -73,10 +82,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("--device cuda: no CUDA device is available")
     try:
         configs = select_configs(args.configs)
+        options = select_options(configs, args.options)
     except ValueError as err:
         raise SystemExit(str(err)) from None
     started, load_start = time.perf_counter(), os.getloadavg()[0]
-    rows = run_benchmark(configs, settings)
+    rows, option_rows = run_benchmark(configs, settings, options)
     record = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": shlex.join(["python", "-m", "lora_vision.bench", *argv]),
@@ -86,6 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": machine(settings),
         "settings": dataclasses.asdict(settings),
         "rows": rows,
+        "option_rows": option_rows,
     }
     if args.out:
         for path in write_record(args.out, record):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,6 +13,9 @@ from torch import nn
 
 LORA, LINEAR_PROBE, FULL = "lora", "linear_probe", "full"
 PRECISIONS = ("fp32", "bf16")
+# What users switch on for speed or memory (conf/train.yaml `perf.*`, and `trainer.precision=bf16-mixed`).
+BF16, COMPILE, CHANNELS_LAST, GRAD_CHECKPOINTING = "bf16", "compile", "channels_last", "grad_checkpointing"
+OPTIONS = (BF16, COMPILE, CHANNELS_LAST, GRAD_CHECKPOINTING)
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,26 @@ CONFIGS: tuple[BenchConfig, ...] = (
 )
 
 
+# Each option timed against the same configuration without it, where users would reach for it.
+OPTION_ROWS: tuple[tuple[str, str], ...] = (
+    ("vit_s16/qv", BF16),
+    ("vit_s16/qv", COMPILE),
+    ("vit_s16/all_linear", GRAD_CHECKPOINTING),
+    ("resnet50/conv3x3", CHANNELS_LAST),
+    ("resnet50/conv3x3", BF16),
+    ("resnet50/conv3x3", COMPILE),
+)
+
+
+def select_options(configs: Sequence[BenchConfig], options: Sequence[str]) -> list[tuple[BenchConfig, str]]:
+    """The option rows among `configs` for the named `options`, in benchmark order."""
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise ValueError(f"--options {unknown} are not options; choose from {', '.join(OPTIONS)}")
+    by_name = {config.name: config for config in configs}
+    return [(by_name[name], option) for name, option in OPTION_ROWS if name in by_name and option in options]
+
+
 def select_configs(patterns: Sequence[str] | None) -> list[BenchConfig]:
     """Configurations whose name matches any glob (e.g. ``vit_s16/*``, ``*/qv``), in benchmark order."""
     if not patterns:
@@ -123,9 +147,18 @@ class Settings:
     quick: bool = False
     memory: bool = True
     inference: bool = True
+    # perf options applied to our side (lora_vision.performance), and the torch.compile backend they use.
+    options: tuple[str, ...] = ()
+    compile_backend: str = "inductor"
 
     def model(self, config: BenchConfig) -> ModelSpec:
         return (QUICK_MODELS if self.quick else MODELS)[config.model]
 
     def batch(self, spec: ModelSpec) -> int:
         return self.batch_size or spec.batch_size
+
+    def with_option(self, option: str) -> Settings:
+        """These settings plus one speed or memory option."""
+        if option == BF16:
+            return dataclasses.replace(self, precision=BF16)
+        return dataclasses.replace(self, options=(*self.options, option))

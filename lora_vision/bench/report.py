@@ -141,6 +141,33 @@ def _inference_table(rows: list[dict]) -> list[str]:
     return _table(header, lines)
 
 
+def _options_table(rows: list[dict]) -> list[str]:
+    header = (
+        "config",
+        "option",
+        "model",
+        "batch",
+        "without ms/step",
+        "with ms/step",
+        "speed-up",
+        "peak MiB without / with",
+    )
+    lines = [
+        (
+            row["config"],
+            row["option"],
+            row["model"],
+            str(row["batch_size"]),
+            _ms(row, "without"),
+            _ms(row, "with"),
+            _ratio(row["speedup"]),
+            _mib(row, ("without", "with")),
+        )
+        for row in rows
+    ]
+    return _table(header, lines)
+
+
 def _missed(rows: list[dict], value, limit: float, above: bool) -> str:
     """Configurations whose `value(row)` misses the goal, or "none"; rows without the value are skipped."""
     checked = [(row["config"], v) for row in rows if (v := value(row)) is not None]
@@ -199,6 +226,10 @@ def markdown(record: dict[str, Any]) -> str:
         "## Inference (eval, batch as above)",
         "",
         *_inference_table(record["rows"]),
+        "",
+        "## Speed and memory options (ours; speed-up = without / with)",
+        "",
+        *_options_table(record.get("option_rows", [])),
         "",
         "## Goals (from the medians above; see README.md on noise)",
         "",

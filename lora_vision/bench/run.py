@@ -91,13 +91,48 @@ def bench_config(config: BenchConfig, settings: Settings) -> dict[str, Any]:
     return row
 
 
+def bench_option(config: BenchConfig, option: str, settings: Settings) -> dict[str, Any]:
+    """Our side of `config` with and without one speed or memory option, timed side by side; then memory."""
+    spec = settings.model(config)
+    base = build_base(spec, settings)
+    images, labels = make_batch(spec, settings)
+    variants = {"without": settings, "with": settings.with_option(option)}
+    calls = {
+        name: TrainStep(prepare_side(copy.deepcopy(base), config, OURS, s), images, labels, s)
+        for name, s in variants.items()
+    }
+    # The first round of a compiled model compiles it; more warm-up keeps recompilation out of the timings.
+    stats = time_alternating(calls, settings.warmup + 1, settings.repeats, settings.steps, _sync(settings))
+    row: dict[str, Any] = {
+        "config": config.name,
+        "model": spec.label,
+        "option": option,
+        "batch_size": settings.batch(spec),
+        "ms": {name: s.as_dict() for name, s in stats.items()},
+        "speedup": _ratio(stats["without"], stats["with"]),
+    }
+    del calls
+    gc.collect()
+    if settings.memory:
+        row["peak_mib"] = {name: peak_memory_mib(config, OURS, s) for name, s in variants.items()}
+    return row
+
+
 def run_benchmark(
-    configs: Sequence[BenchConfig], settings: Settings, log: Callable[[str], object] = print
-) -> list[dict[str, Any]]:
-    rows = []
+    configs: Sequence[BenchConfig],
+    settings: Settings,
+    options: Sequence[tuple[BenchConfig, str]] = (),
+    log: Callable[[str], object] = print,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Rows of `configs`, then the option rows; each logged with its wall time as it finishes."""
+    rows, option_rows = [], []
     for config in configs:
         spec = settings.model(config)
         started = time.perf_counter()
         rows.append(bench_config(config, settings))
         log(f"{config.name}: {spec.label}, batch {settings.batch(spec)}, {time.perf_counter() - started:.0f} s")
-    return rows
+    for config, option in options:
+        started = time.perf_counter()
+        option_rows.append(bench_option(config, option, settings))
+        log(f"{config.name} with {option}: {time.perf_counter() - started:.0f} s")
+    return rows, option_rows

@@ -9,11 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lora_vision.bench.configs import FULL, LINEAR_PROBE, LORA, BenchConfig, ModelSpec, Settings
+from lora_vision.bench.configs import COMPILE, FULL, LINEAR_PROBE, LORA, BenchConfig, ModelSpec, Settings
 from lora_vision.bench.floor import attach_floor
 from lora_vision.bench.peft_side import peft_adapted_names, peft_twin
 from lora_vision.lora import apply_lora, resolve_targets
 from lora_vision.methods import FullFineTune, LinearProbe
+from lora_vision.performance import apply_performance_options
 
 OURS, PEFT, FLOOR = "ours", "peft", "floor"
 
@@ -37,7 +38,7 @@ def adapted_names(model: nn.Module, config: BenchConfig) -> list[str]:
 
 
 def prepare_side(model: nn.Module, config: BenchConfig, side: str, settings: Settings) -> nn.Module:
-    """`model` (taken over, possibly wrapped) as the given side of the row, in train mode.
+    """`model` (taken over, possibly wrapped) as the given side of the row, with `settings.options`, in train mode.
 
     LoRA rows train only the adapters on every side (no head), so ours and PEFT train the same parameters.
     """
@@ -58,6 +59,11 @@ def prepare_side(model: nn.Module, config: BenchConfig, side: str, settings: Set
         attach_floor(model, adapted_names(model, config))
     else:
         raise ValueError(f"unknown side {side!r}")
+    if settings.options:
+        flags = {option: True for option in settings.options}
+        if COMPILE in flags:
+            flags[COMPILE] = {"backend": settings.compile_backend}
+        apply_performance_options(model, **flags)
     return model.train()
 
 

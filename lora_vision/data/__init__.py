@@ -2,11 +2,14 @@
 
 Every datamodule takes the common keyword options of :class:`ImageDataModule` (``data_config``,
 ``batch_size``, ``num_workers``, ``pin_memory``, ``persistent_workers``, ``seed``, ``val_fraction``,
-``train_augment``, ``train_subset``) and knows ``num_classes`` / ``class_names`` right after construction.
+``train_augment``, ``train_subset``, ``resize_on_device``) and knows ``num_classes`` / ``class_names`` right
+after construction. With ``resize_on_device`` its batches need ``batch_transform`` on the device (Lightning
+calls it; manual loops must too).
 """
 
 from lora_vision.data.archive import extract_archive
 from lora_vision.data.base import ImageDataModule
+from lora_vision.data.batched import BatchTransform
 from lora_vision.data.cifar import (
     CIFAR10_CLASSES,
     CIFAR100_CLASSES,
@@ -37,6 +40,7 @@ __all__ = [
     "IMAGENETTE",
     "IMAGEWOOF",
     "PRESETS",
+    "BatchTransform",
     "CIFAR10DataModule",
     "CIFAR100DataModule",
     "CIFARDataModule",

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
+from lora_vision.data.batched import BatchTransform
 from lora_vision.data.splits import TransformedSubset, balanced_subset, stratified_split
 from lora_vision.data.transforms import (
     DEFAULT_DATA_CONFIG,
@@ -19,6 +21,8 @@ from lora_vision.data.transforms import (
 )
 
 _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+# The most workers `num_workers="auto"` starts: more rarely help our datasets, and each holds its own memory.
+MAX_AUTO_WORKERS = 8
 
 
 class ImageDataModule(LightningDataModule, ABC):
@@ -33,7 +37,9 @@ class ImageDataModule(LightningDataModule, ABC):
             with the new transforms. None: timm's defaults (224 px, ImageNet mean/std, ``crop_pct=0.875``)
             or the datamodule's own default.
         batch_size: samples per batch, for every split.
-        num_workers: DataLoader worker processes (0 loads in the main process).
+        num_workers: DataLoader worker processes (0 loads in the main process), or ``"auto"``: one per CPU
+            core this process may use, less one for the main process, at most 8 (``MAX_AUTO_WORKERS``).
+            The resolved count is the ``num_workers`` attribute.
         pin_memory: pin batches in page-locked memory (faster host-to-GPU copies); ignored without CUDA.
         persistent_workers: keep workers alive between epochs; only used when ``num_workers > 0``.
         seed: seeds the validation split, the training subset and the shuffling order (each DataLoader
@@ -47,28 +53,41 @@ class ImageDataModule(LightningDataModule, ABC):
             ``re_prob``, ``hflip``, ``scale``, ...).
         train_subset: if set, train on a seeded, class-balanced subset of this many images, taken after
             the validation split (so the validation set is the same for every subset size).
+        resize_on_device: batch the resize and normalization (for datamodules whose images all have one
+            size, ``source_size``: the CIFAR ones). Each worker then only augments at the source size (timm's
+            training pipeline with its random-resized crop output at the source size) and yields uint8
+            tensors, 1/196 of the bytes of float 224 px ones; ``batch_transform`` resizes whole batches to the
+            input size and normalizes them, on the device after the transfer. Lightning runs it through the
+            ``on_after_batch_transfer`` hook; loops without a Trainer must call ``batch_transform`` on each
+            batch they moved to the device. ValueError if the datamodule has no fixed ``source_size`` or
+            the data config asks for a resize tensors cannot mirror; every image of another size fails
+            with a ValueError when loaded. See ``lora_vision.data.batched`` for the agreement with PIL.
 
     ``num_classes`` and ``class_names`` are available right after construction (the model head is built
     from them). ``dataset(split)`` gives the transformed dataset of a split. The predict loader serves the
-    test split. Subclasses implement ``class_names`` and ``_load_split``.
+    test split. Subclasses implement ``class_names`` and ``_load_split``, and set ``source_size`` when all
+    their images have one size.
     """
+
+    # (height, width) of every image of the dataset, None where sizes vary; resize_on_device needs one.
+    source_size: ClassVar[tuple[int, int] | None] = None
 
     def __init__(
         self,
         *,
         data_config: Mapping[str, Any] | None = None,
         batch_size: int = 64,
-        num_workers: int = 0,
+        num_workers: int | str = 0,
         pin_memory: bool = False,
         persistent_workers: bool = False,
         seed: int = 0,
         val_fraction: float = 0.1,
         train_augment: AugmentConfig = True,
         train_subset: int | None = None,
+        resize_on_device: bool = False,
     ) -> None:
         super().__init__()
         check_int("batch_size", batch_size, minimum=1)
-        check_int("num_workers", num_workers, minimum=0)
         check_int("seed", seed, minimum=0)
         if train_subset is not None:
             check_int("train_subset", train_subset, minimum=1)
@@ -78,16 +97,25 @@ class ImageDataModule(LightningDataModule, ABC):
             raise ValueError(
                 f"train_augment must be a bool or a mapping of timm transform options, got {train_augment!r}"
             )
+        if not isinstance(resize_on_device, bool):
+            raise ValueError(f"resize_on_device must be true or false, got {resize_on_device!r}")
+        if resize_on_device and self.source_size is None:
+            raise ValueError(
+                f"resize_on_device=true needs images of one fixed size (the CIFAR datamodules: 32x32), but "
+                f"{type(self).__name__} has none; set resize_on_device=false (Hydra: data.resize_on_device=false)"
+            )
         self.batch_size = batch_size
-        self.num_workers = num_workers
+        self.num_workers = resolve_num_workers(num_workers)
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
         self.seed = seed
         self.val_fraction = float(val_fraction)
         self.train_augment = train_augment
         self.train_subset = train_subset
+        self.resize_on_device = resize_on_device
         self._raw: dict[str, Dataset | None] = {}
         self._splits: dict[str, TransformedSubset] = {}
+        self._batch_steps: dict[bool, BatchTransform] = {}
         self.data_config = data_config
 
     @property
@@ -110,6 +138,13 @@ class ImageDataModule(LightningDataModule, ABC):
         self._data_config = None if value is None else normalize_data_config(value)
         self._raw.clear()
         self._splits.clear()
+        self._batch_steps.clear()
+        if self.resize_on_device:
+            # Built now, so a data config the batch step cannot mirror fails here rather than at the first batch.
+            for training in (False, True):
+                self._batch_steps[training] = BatchTransform(
+                    self.resolved_data_config, self.source_size, is_training=training, augment=self.train_augment
+                )
 
     def default_data_config(self) -> dict[str, Any]:
         """The data config used while ``data_config`` is None."""
@@ -130,7 +165,26 @@ class ImageDataModule(LightningDataModule, ABC):
 
     def build_transform(self, *, is_training: bool) -> Callable[[Any], Any] | None:
         """The transform applied to each item of the training (``is_training``) or evaluation splits."""
-        return build_transform(self.resolved_data_config, is_training=is_training, augment=self.train_augment)
+        return build_transform(
+            self.resolved_data_config,
+            is_training=is_training,
+            augment=self.train_augment,
+            source_size=self.source_size if self.resize_on_device else None,
+        )
+
+    def batch_transform(self, images: torch.Tensor, *, training: bool = False) -> torch.Tensor:
+        """What a batch of images from this datamodule's loaders needs before the model, on its device.
+
+        With ``resize_on_device``: the batched resize and normalization of a training (``training``) or
+        evaluation batch; otherwise the images unchanged.
+        """
+        return self._batch_steps[training](images) if self.resize_on_device else images
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if not self.resize_on_device:
+            return batch
+        images, targets = batch
+        return self.batch_transform(images, training=self.trainer is not None and self.trainer.training), targets
 
     def setup(self, stage: str | None = None) -> None:
         """Build the splits ``stage`` needs (all for None); splits already built are kept."""
@@ -196,6 +250,17 @@ class ImageDataModule(LightningDataModule, ABC):
             persistent_workers=self.persistent_workers and self.num_workers > 0,
             generator=torch.Generator().manual_seed(self.seed),
         )
+
+
+def resolve_num_workers(value: int | str) -> int:
+    """The worker count of the ``num_workers`` option: an integer >= 0, or ``"auto"`` (see ImageDataModule)."""
+    if value == "auto":
+        # The cores this process may run on, which a container or taskset can make fewer than the machine's.
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return min(MAX_AUTO_WORKERS, cores - 1)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"num_workers must be an integer >= 0 or 'auto', got {value!r}")
+    return value
 
 
 def check_int(name: str, value: object, *, minimum: int) -> None:

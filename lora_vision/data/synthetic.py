@@ -41,7 +41,7 @@ class SyntheticDataModule(ImageDataModule):
 
     Every class has a smooth random mean image (a 4x4 pattern upsampled to the image size); samples add
     Gaussian noise. Images are already normalized tensors, so ``data_config`` contributes only its
-    ``input_size`` and ``train_augment`` is ignored.
+    ``input_size``, ``train_augment`` is ignored and ``resize_on_device`` (nothing to resize) is refused.
 
     Options (besides those of :class:`ImageDataModule`):
         num_classes: number of classes.

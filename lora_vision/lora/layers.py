@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lora_vision.lora.errors import LoRAConfigError, check_hyperparameters
+from lora_vision.lora.fused import linear_with_low_rank
 
 QKV_SLOTS = ("q", "k", "v")
 INITS = ("lora", "pissa")
@@ -341,6 +342,20 @@ class LoRALinear(LoRALayer):
     def _slots_to_weight(self, slots: Tensor) -> Tensor:
         full = slots.new_zeros(self.num_slots, *slots.shape[1:])
         return full.index_copy(0, self.slot_index, slots).flatten(0, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        base = self.base
+        fusable = (
+            not self.merged
+            and not self.dora
+            and type(base).forward is nn.Linear.forward
+            and not any(p.requires_grad for p in base.parameters())
+        )
+        if not fusable:
+            return super().forward(x)
+        # The same function as the composed path below, in one autograd node (see lora_vision.lora.fused).
+        a, b = self.factors()
+        return linear_with_low_rank(x, self.dropout(x), base.weight, base.bias, a, b, self.scale, self.slots)
 
     def _low_rank_path(self, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
         # One matmul computes A_i x for all slots; scaling the rank-r activations is cheaper than the output.
