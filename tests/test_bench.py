@@ -12,7 +12,16 @@ from torch import nn
 from lora_vision.bench.__main__ import main
 from lora_vision.bench.configs import BenchConfig, Settings, select_configs, select_options
 from lora_vision.bench.floor import attach_floor
-from lora_vision.bench.sides import FLOOR, OURS, PEFT, adapted_names, prepare_side, trainable_parameters
+from lora_vision.bench.sides import (
+    COMPOSED,
+    FLOOR,
+    OURS,
+    PEFT,
+    ComposedLoRALinear,
+    adapted_names,
+    prepare_side,
+    trainable_parameters,
+)
 from lora_vision.bench.timing import Stats, rotated, time_alternating
 from lora_vision.lora import LoRALayer
 
@@ -111,6 +120,25 @@ def test_peft_peer_of_q_v_slices_is_the_whole_qkv_with_the_same_budget() -> None
     assert trainable_parameters(ours) == trainable_parameters(twin) > 0
 
 
+def test_composed_side_is_ours_computed_from_plain_ops(images) -> None:
+    config = BenchConfig("vit_s16", "all_linear", ("all_linear",), composed_side=True)
+    settings = Settings(quick=True)
+    base = tiny_vit()
+    fused = prepare_side(copy.deepcopy(base), config, OURS, settings)
+    composed = prepare_side(copy.deepcopy(base), config, COMPOSED, settings)
+    randomize_adapters(fused)
+    randomize_adapters(composed)
+    layers = [m for m in composed.modules() if isinstance(m, LoRALayer)]
+    assert layers and all(type(m) is ComposedLoRALinear for m in layers)
+    grads = []
+    for model in (fused, composed):
+        model(images).square().sum().backward()
+        grads.append([p.grad for p in model.parameters() if p.requires_grad])
+    torch.testing.assert_close(fused(images), composed(images), atol=1e-5, rtol=1e-5)
+    for ours, theirs in zip(*grads, strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
 def test_timer_rotates_the_order_and_reports_medians() -> None:
     order: list[str] = []
     now = [0.0]
@@ -162,6 +190,7 @@ def test_quick_cli_writes_the_tables(tmp_path) -> None:
     qv = record["rows"][0]
     assert set(qv["ms"]) >= {"ours", "floor"} and qv["ours_over_floor"] > 0
     assert qv["inference"]["merged_over_base"] > 0
+    assert qv["composed_over_ours"] > 0 and "## The fused LoRA node" in table
     assert len((tmp_path / "results.csv").read_text().splitlines()) == 3
 
 

@@ -141,6 +141,25 @@ def _inference_table(rows: list[dict]) -> list[str]:
     return _table(header, lines)
 
 
+def _composed_table(rows: list[dict]) -> list[str]:
+    header = ("config", "fused ms/step", "composed ms/step", "composed/fused", "fused/floor", "composed/floor")
+    header += ("peak MiB fused / composed",)
+    lines = [
+        (
+            row["config"],
+            _ms(row, "ours"),
+            _ms(row, "composed"),
+            _ratio(row["composed_over_ours"]),
+            _ratio(row["ours_over_floor"]),
+            _ratio(row["composed_over_floor"]),
+            _mib(row, ("ours", "composed")),
+        )
+        for row in rows
+        if row.get("composed_over_ours") is not None
+    ]
+    return _table(header, lines)
+
+
 def _options_table(rows: list[dict]) -> list[str]:
     header = (
         "config",
@@ -227,6 +246,10 @@ def markdown(record: dict[str, Any]) -> str:
         "",
         *_inference_table(record["rows"]),
         "",
+        "## The fused LoRA node against the same math from plain torch ops (ours, Linear adapters)",
+        "",
+        *_composed_table(record["rows"]),
+        "",
         "## Speed and memory options (ours; speed-up = without / with)",
         "",
         *_options_table(record.get("option_rows", [])),
@@ -249,6 +272,7 @@ def _flat(row: dict[str, Any]) -> dict[str, Any]:
         flat.update({f"{side}_ms_{key}": value for key, value in stats.items() if key != "samples"})
     flat["peft_over_ours"] = row["peft_over_ours"]
     flat["ours_over_floor"] = row["ours_over_floor"]
+    flat["composed_over_ours"] = row.get("composed_over_ours")
     for side, gflops in row["gflops"].items():
         flat[f"{side}_gflops"] = gflops
     for side, mib in (row.get("peak_mib") or {}).items():

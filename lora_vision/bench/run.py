@@ -16,6 +16,7 @@ from lora_vision.bench.flops import step_flops
 from lora_vision.bench.memory import peak_memory_mib
 from lora_vision.bench.peft_side import peft_version
 from lora_vision.bench.sides import (
+    COMPOSED,
     FLOOR,
     OURS,
     PEFT,
@@ -80,6 +81,8 @@ def bench_config(config: BenchConfig, settings: Settings) -> dict[str, Any]:
         "ms": {side: s.as_dict() for side, s in stats.items()},
         "peft_over_ours": _ratio(stats.get(PEFT), stats[OURS]),
         "ours_over_floor": _ratio(stats[OURS], stats.get(FLOOR)),
+        "composed_over_ours": _ratio(stats.get(COMPOSED), stats[OURS]),
+        "composed_over_floor": _ratio(stats.get(COMPOSED), stats.get(FLOOR)),
         "gflops": {side: step_flops(config, side, settings) / 1e9 for side in sides},
     }
     del calls  # the optimizers' state; the children below and inference need none of it

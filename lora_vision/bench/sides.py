@@ -12,11 +12,24 @@ from torch import Tensor, nn
 from lora_vision.bench.configs import COMPILE, FULL, LINEAR_PROBE, LORA, BenchConfig, ModelSpec, Settings
 from lora_vision.bench.floor import attach_floor
 from lora_vision.bench.peft_side import peft_adapted_names, peft_twin
-from lora_vision.lora import apply_lora, resolve_targets
+from lora_vision.lora import LoRALayer, LoRALinear, apply_lora, resolve_targets
 from lora_vision.methods import FullFineTune, LinearProbe
 from lora_vision.performance import apply_performance_options
 
-OURS, PEFT, FLOOR = "ours", "peft", "floor"
+OURS, PEFT, FLOOR, COMPOSED = "ours", "peft", "floor", "composed"
+
+
+class ComposedLoRALinear(LoRALinear):
+    """Our LoRALinear computing its function from plain torch ops (`LoRALayer.forward`), as it did before the fused
+    autograd node (`lora_vision.lora.fused`): the same parameters and math, timed to show what the node gains."""
+
+    forward = LoRALayer.forward
+
+
+def use_composed_ops(model: nn.Module) -> None:
+    for module in model.modules():
+        if type(module) is LoRALinear:
+            module.__class__ = ComposedLoRALinear
 
 
 def build_base(spec: ModelSpec, settings: Settings) -> nn.Module:
@@ -46,10 +59,12 @@ def prepare_side(model: nn.Module, config: BenchConfig, side: str, settings: Set
         LinearProbe().apply(model)
     elif config.method == FULL:
         FullFineTune().apply(model)
-    elif side == OURS:
+    elif side in (OURS, COMPOSED):
         apply_lora(
             model, config.targets, settings.rank, settings.alpha, settings.dropout, config.blocks, train_head=False
         )
+        if side == COMPOSED:
+            use_composed_ops(model)
     elif side == PEFT:
         names = adapted_names(model, config)
         model = peft_twin(model, names, settings.rank, settings.alpha, settings.dropout)
@@ -70,7 +85,8 @@ def prepare_side(model: nn.Module, config: BenchConfig, side: str, settings: Set
 def sides_of(config: BenchConfig, with_peft: bool) -> Sequence[str]:
     if config.method != LORA:
         return (OURS,)
-    return (OURS, PEFT, FLOOR) if with_peft else (OURS, FLOOR)
+    sides = (OURS, PEFT, FLOOR) if with_peft else (OURS, FLOOR)
+    return (*sides, COMPOSED) if config.composed_side else sides
 
 
 def trainable_parameters(model: nn.Module) -> int:
