@@ -8,7 +8,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub
 import timm
+import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -91,7 +93,8 @@ def build_model(
         if not pretrained or checkpoint is not None:
             raise
         raise PretrainedWeightsUnavailable(
-            f"could not download pretrained weights for {name!r} ({type(err).__name__}: {err}). "
+            f"could not download pretrained weights for {name!r} from {_weights_source(name)} "
+            f"({type(err).__name__}: {err}). "
             f"Pass a local file instead: model.checkpoint=/path/to/weights.safetensors, or train from "
             f"scratch with model.pretrained=false. On machines without network, set HF_HUB_OFFLINE=1 so "
             f"the hub cache is used without retrying downloads."
@@ -107,12 +110,51 @@ def build_model(
     return model
 
 
+def _weights_source(name: str) -> str:
+    """Where timm fetches `name`'s pretrained weights, for messages: a hub repo (and the local cache) or a URL."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is not None and cfg.hf_hub_id:
+        return f"hf-hub:{cfg.hf_hub_id} (cached under {huggingface_hub.constants.HF_HUB_CACHE})"
+    if cfg is not None and cfg.url:
+        return f"{cfg.url} (cached under {torch.hub.get_dir()}/checkpoints)"
+    return "timm's pretrained config"
+
+
+def check_input_size(model: nn.Module, image_size: int) -> None:
+    """Refuse an input size a patch-based model would not see whole.
+
+    timm's ViTs floor the patch grid: a 36 px input to 8 px patches silently drops the last 4 pixel rows and
+    columns. A model built for another `img_size` would fail only at the first forward pass, inside training.
+    """
+    patch_embed = getattr(model, "patch_embed", None)
+    patch = getattr(patch_embed, "patch_size", None)
+    if patch is None or getattr(patch_embed, "dynamic_img_pad", False):
+        return
+    patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
+    step = max(patch)
+    if any(image_size % p for p in patch):
+        lower, upper = image_size // step * step, (image_size // step + 1) * step
+        valid = f"{lower} or {upper}" if lower else f"{upper}"
+        raise ModelConfigError(
+            f"data.image_size={image_size} is not a multiple of the patch size {step} of {type(model).__name__}; "
+            f"use a multiple of {step}, e.g. {valid}"
+        )
+    built = getattr(patch_embed, "img_size", None)
+    if built is not None and getattr(patch_embed, "strict_img_size", False) and tuple(built) != (image_size,) * 2:
+        raise ModelConfigError(
+            f"data.image_size={image_size} does not match the {built[0]}x{built[1]} input the model was built for; "
+            "set model.kwargs.img_size=${data.image_size} so both follow data.image_size"
+        )
+
+
 def model_data_config(model: nn.Module, image_size: int, crop_pct: float | None = None) -> dict[str, Any]:
     """The model's timm data config with the input size this run actually uses.
 
     `timm.data.resolve_model_data_config` reports the pretrained config's input size (224 for a ViT built with
     `img_size=32`), so `input_size` is always replaced by `image_size`; `crop_pct` is replaced when given.
+    ModelConfigError if the model cannot take `image_size` (see `check_input_size`).
     """
+    check_input_size(model, image_size)
     config = timm.data.resolve_model_data_config(model)
     config["input_size"] = (config["input_size"][0], image_size, image_size)
     if crop_pct is not None:

@@ -20,6 +20,8 @@ from lora_vision.lora import ParameterSummary
 log = logging.getLogger(__name__)
 
 STAGES = ("train", "val", "test")
+# Checkpoint key of the base weights' fingerprint (lora_vision.adapters.weights_fingerprint).
+BASE_FINGERPRINT = "base_fingerprint"
 
 
 def accuracy_metrics(num_classes: int) -> MetricCollection:
@@ -60,6 +62,9 @@ class Classifier(L.LightningModule):
         lr_ratios: learning-rate multipliers by parameter name (the last component, e.g. ``{"lora_B": 16}`` for
             LoRA+); the schedule scales every group alike.
         param_summary: the method's parameter budget, logged when fitting starts.
+        base_fingerprint: `weights_fingerprint` of the base model; checkpoints carry it, and loading one made on
+            other base weights fails (a trainable-only checkpoint would otherwise silently pair its adapters with
+            the wrong backbone).
     """
 
     def __init__(
@@ -77,11 +82,13 @@ class Classifier(L.LightningModule):
         trainable_only_checkpoints: bool = True,
         lr_ratios: Mapping[str, float] | None = None,
         param_summary: ParameterSummary | None = None,
+        base_fingerprint: str | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["model", "param_summary"])
+        self.save_hyperparameters(ignore=["model", "param_summary", "base_fingerprint"])
         self.model = model
         self.param_summary = param_summary
+        self.base_fingerprint = base_fingerprint
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         metrics = accuracy_metrics(num_classes)
         # ModuleDict keys must not shadow nn.Module attributes such as `train`, hence the suffix.
@@ -170,12 +177,20 @@ class Classifier(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[BASE_FINGERPRINT] = self.base_fingerprint
         if not self.hparams.trainable_only_checkpoints:
             return
         frozen = {name for name, p in self.named_parameters() if not p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get(BASE_FINGERPRINT)
+        if saved and self.base_fingerprint and saved != self.base_fingerprint:
+            raise ValueError(
+                f"the checkpoint was trained on base weights {saved}, but this run built {self.base_fingerprint}: "
+                "resume with the same model (model.name, model.pretrained, model.checkpoint, and the seed for a "
+                "randomly initialised one)"
+            )
         # Frozen weights left out of the checkpoint are the ones this module already holds; filling them in
         # keeps loading strict, so a checkpoint from a different configuration still fails loudly.
         checkpoint["state_dict"] = {**self.state_dict(), **checkpoint["state_dict"]}

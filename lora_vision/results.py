@@ -20,6 +20,17 @@ RESULTS_FILE = "results.json"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
+def _umask() -> int:
+    # The only way to read the umask is to set it; done once, at import, before any worker threads exist.
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# What `open()` would give a new file; mkstemp's temporary files are owner-only (0600), and renaming keeps that.
+NEW_FILE_MODE = 0o666 & ~_umask()
+
+
 def write_atomic(path: str | Path, data: str | bytes) -> Path:
     """Write `data` so readers (sweep collectors, reports, a resumed run) never see a half-written file.
 
@@ -30,11 +41,19 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, NEW_FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        # OSError(errno, ...) keeps the subclass (PermissionError, ...); the message adds which file and that the
+        # previous one survived, which a bare "No space left on device" from a temporary file does not say.
+        raise OSError(
+            err.errno, f"cannot write {path} ({err.strerror or err}); any previous version of it is unchanged"
+        ) from err
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -24,18 +24,24 @@ from hydra.utils import get_class, instantiate
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from lora_vision.adapters import ADAPTER_DIR, ADAPTER_TENSORS, save_adapter, weights_fingerprint
-from lora_vision.callbacks import TrainThroughput
+from lora_vision.callbacks import DivergedError, FiniteLoss, TrainThroughput
 from lora_vision.config_checks import ConfigError, check_config
 from lora_vision.models import build_model, model_data_config
 from lora_vision.module import Classifier
 from lora_vision.performance import apply_performance_options
 from lora_vision.prefix_cache import PREFIX_CACHE_KEYS, SuffixClassifier, serve_run_prefix_cache
+from lora_vision.preflight import check_output_dir
 from lora_vision.results import RESULTS_FILE, finite_or_none, git_state, versions, write_json_atomic
+from lora_vision.resume import AtomicCheckpointIO, keep_interrupted_metrics, requested_checkpoint
 
 log = logging.getLogger(__name__)
+
+# What a shell reports for a process ended by SIGTERM (128 + 15).
+SIGTERM_EXIT_STATUS = 143
 
 # Keys of the `data` group that describe the model input rather than the datamodule; they reach the
 # datamodule through its `data_config`.
@@ -173,11 +179,15 @@ def base_record(cfg: DictConfig, method: Any, summary: Any, num_classes: int) ->
 
 
 def fit_and_test(
-    cfg: DictConfig, trainer: L.Trainer, module: Classifier, datamodule: L.LightningDataModule
+    cfg: DictConfig,
+    trainer: L.Trainer,
+    module: Classifier,
+    datamodule: L.LightningDataModule,
+    resume_from: Path | None = None,
 ) -> dict[str, Any]:
-    """Fit, then test the best checkpoint; return the outcome fields of the run record."""
+    """Fit (from `resume_from` when given), then test the best checkpoint; return the outcome fields of the record."""
     throughput = next(c for c in trainer.callbacks if isinstance(c, TrainThroughput))
-    trainer.fit(module, datamodule=datamodule)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
     checkpoint = trainer.checkpoint_callback
     best_path = checkpoint.best_model_path if checkpoint is not None else ""
     test_metrics: dict[str, Any] = {}
@@ -244,6 +254,7 @@ def save_run_adapter(
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train and test one configuration; return the record written to `<run dir>/results.json`."""
     started = time.perf_counter()
+    check_output_dir(cfg.paths.output_dir)
     cfg = with_debug_overlay(cfg)
     check_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
@@ -271,21 +282,35 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         **OmegaConf.to_container(cfg.module, resolve=True),
         lr_ratios=method.lr_ratios(),
         param_summary=summary,
+        base_fingerprint=fingerprint,
     )
     record = base_record(cfg, method, summary, num_classes) | {"base_fingerprint": fingerprint, "prefix_cache": None}
     results_path = Path(cfg.paths.output_dir) / RESULTS_FILE
 
     loggers = instantiate_all(cfg.get("logger"))
-    callbacks = [*instantiate_all(cfg.get("callbacks")), TrainThroughput()]
+    callbacks = [FiniteLoss(), *instantiate_all(cfg.get("callbacks")), TrainThroughput()]
+    resume_from = requested_checkpoint(cfg, callbacks)
+    record["resumed_from"] = None if resume_from is None else str(resume_from)
+    if resume_from is not None and rank_zero_only.rank == 0:
+        keep_interrupted_metrics(loggers)
     try:
-        trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+        trainer: L.Trainer = instantiate(
+            cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=[AtomicCheckpointIO()]
+        )
         check_launch_in_multirun(cfg, trainer)
         if cfg.perf.cache_prefix:
             datamodule, record["prefix_cache"] = serve_run_prefix_cache(cfg, module, datamodule, fingerprint, trainer)
         log_config(loggers, cfg)
-        record |= fit_and_test(cfg, trainer, module, datamodule)
+        record |= fit_and_test(cfg, trainer, module, datamodule, resume_from)
+        record["skipped_images"] = getattr(datamodule, "skipped_images", None)
         record |= save_run_adapter(cfg, method, module, record["best_checkpoint"], fingerprint, num_classes)
         record |= {"wall_time_s": time.perf_counter() - started, "status": "completed"}
+    except DivergedError as err:
+        record |= {"status": "diverged", "diverged_at_step": err.step, "error": error_text(err)}
+        raise
+    except SIGTERMException:
+        record |= {"status": "interrupted", "error": "SIGTERM; resume with resume=true in the same run directory"}
+        raise
     except BaseException as err:
         record |= {"status": "failed", "error": error_text(err)}
         raise
@@ -345,9 +370,15 @@ def main(cfg: DictConfig) -> float | None:
     failure is logged with its traceback, its record says `failed`, and the job returns None, which the basic
     sweeper ignores and the Optuna sweeper tells the study as a failed trial. A single run still raises, so its
     exit code is non-zero.
+
+    SIGTERM (SLURM pre-emption, `scancel`) is different: the run has saved a resume checkpoint, and the whole
+    process must stop (exit status 143, as a process killed by SIGTERM) instead of starting the next job.
     """
     try:
         return objective(run(cfg), cfg.objective.param_penalty)
+    except SIGTERMException:
+        log.warning("stopped by SIGTERM; a run resumes from its last.ckpt with resume=true (the default)")
+        raise SystemExit(SIGTERM_EXIT_STATUS) from None
     except Exception as err:
         if not in_multirun():
             raise

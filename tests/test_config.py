@@ -125,7 +125,12 @@ def test_loggers_and_callbacks_instantiate(tmp_path: Path) -> None:
         loggers = instantiate_all(cfg.logger)
         callbacks = instantiate_all(cfg.callbacks)
     assert {type(x).__name__ for x in loggers} == {"CSVLogger", "WandbLogger"}
-    assert {type(x).__name__ for x in callbacks} == {"ModelCheckpoint", "LearningRateMonitor", "EarlyStopping"}
+    assert {type(x).__name__ for x in callbacks} == {
+        "ModelCheckpoint",
+        "LearningRateMonitor",
+        "EarlyStopping",
+        "ResumeCheckpoint",
+    }
 
 
 def test_wandb_is_offline_unless_configured(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -56,7 +56,7 @@ def test_data_config_takes_the_run_input_size_not_timms_224() -> None:
     assert timm.data.resolve_model_data_config(model)["input_size"] == (3, 224, 224)
     config = model_data_config(model, image_size=32, crop_pct=1.0)
     assert config["input_size"] == (3, 32, 32) and config["crop_pct"] == 1.0
-    assert model_data_config(model, image_size=48)["crop_pct"] == timm.data.resolve_model_data_config(model)["crop_pct"]
+    assert model_data_config(model, image_size=32)["crop_pct"] == timm.data.resolve_model_data_config(model)["crop_pct"]
 
 
 def test_checkpoint_of_another_architecture_is_refused(tmp_path: Path) -> None:

@@ -42,7 +42,9 @@ def extract_archive(archive: str | os.PathLike[str], dest: str | os.PathLike[str
     """
     archive, dest = Path(archive), Path(dest)
     if not archive.is_file():
-        raise DatasetNotFoundError(f"archive {archive} does not exist (or is not a file)")
+        raise DatasetNotFoundError(
+            f"archive {archive} does not exist (or is not a file); point data.archive at a tar of the dataset"
+        )
     if not tarfile.is_tarfile(archive):
         raise DatasetFormatError(
             f"{archive} is not a tar archive; expected a tar file such as {', '.join(TAR_SUFFIXES)}"

@@ -10,8 +10,11 @@ from typing import Any, ClassVar
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets import DatasetFolder
 
 from lora_vision.data.batched import BatchTransform
+from lora_vision.data.images import drop_unreadable
+from lora_vision.data.resumable import ResumableDataLoader
 from lora_vision.data.splits import TransformedSubset, balanced_subset, stratified_split
 from lora_vision.data.transforms import (
     DEFAULT_DATA_CONFIG,
@@ -62,6 +65,10 @@ class ImageDataModule(LightningDataModule, ABC):
             batch they moved to the device. ValueError if the datamodule has no fixed ``source_size`` or
             the data config asks for a resize tensors cannot mirror; every image of another size fails
             with a ValueError when loaded. See ``lora_vision.data.batched`` for the agreement with PIL.
+        skip_bad_images: False: an image file that cannot be decoded (empty, truncated, not an image) fails
+            with :class:`~lora_vision.data.images.BadImageError` naming it when it is loaded. True: every
+            image file is decoded once when its split is set up (about 0.4 ms per 160 px JPEG), unreadable
+            ones are left out, and their number is the ``skipped_images`` attribute (None when False).
 
     ``num_classes`` and ``class_names`` are available right after construction (the model head is built
     from them). ``dataset(split)`` gives the transformed dataset of a split. The predict loader serves the
@@ -85,6 +92,7 @@ class ImageDataModule(LightningDataModule, ABC):
         train_augment: AugmentConfig = True,
         train_subset: int | None = None,
         resize_on_device: bool = False,
+        skip_bad_images: bool = False,
     ) -> None:
         super().__init__()
         check_int("batch_size", batch_size, minimum=1)
@@ -99,6 +107,8 @@ class ImageDataModule(LightningDataModule, ABC):
             )
         if not isinstance(resize_on_device, bool):
             raise ValueError(f"resize_on_device must be true or false, got {resize_on_device!r}")
+        if not isinstance(skip_bad_images, bool):
+            raise ValueError(f"skip_bad_images must be true or false, got {skip_bad_images!r}")
         if resize_on_device and self.source_size is None:
             raise ValueError(
                 f"resize_on_device=true needs images of one fixed size (the CIFAR datamodules: 32x32), but "
@@ -113,6 +123,10 @@ class ImageDataModule(LightningDataModule, ABC):
         self.train_augment = train_augment
         self.train_subset = train_subset
         self.resize_on_device = resize_on_device
+        self.skip_bad_images = skip_bad_images
+        # image folder -> unreadable images left out; keyed by folder, so a folder serving two splits (val/ as
+        # validation and test) or loaded again after a data_config change is counted once.
+        self._skipped: dict[str, int] = {}
         self._raw: dict[str, Dataset | None] = {}
         self._splits: dict[str, TransformedSubset] = {}
         self._batch_steps: dict[bool, BatchTransform] = {}
@@ -127,6 +141,11 @@ class ImageDataModule(LightningDataModule, ABC):
     def num_classes(self) -> int:
         """Number of outputs the classification head needs."""
         return len(self.class_names)
+
+    @property
+    def skipped_images(self) -> int | None:
+        """Unreadable images left out of the splits set up so far; None when ``skip_bad_images`` is off."""
+        return sum(self._skipped.values()) if self.skip_bad_images else None
 
     @property
     def data_config(self) -> dict[str, Any] | None:
@@ -234,13 +253,19 @@ class ImageDataModule(LightningDataModule, ABC):
 
     def _raw_split(self, split: str, *, required: bool) -> Dataset | None:
         if self._raw.get(split) is None:
-            self._raw[split] = self._load_split(split, required=required)
+            dataset = self._load_split(split, required=required)
+            # Before any split or subset is drawn, so their indices only ever point at readable images.
+            if self.skip_bad_images and isinstance(dataset, DatasetFolder):
+                self._skipped[str(dataset.root)] = drop_unreadable(dataset)
+            self._raw[split] = dataset
         return self._raw[split]
 
     def _loader(self, split: str, *, stage: str, shuffle: bool) -> DataLoader:
         if split not in self._splits:
             self.setup(stage)
-        return DataLoader(
+        # The shuffled (training) order is resumable mid-epoch: see lora_vision.data.resumable.
+        loader = ResumableDataLoader if shuffle else DataLoader
+        return loader(
             self._splits[split],
             batch_size=self.batch_size,
             shuffle=shuffle,

@@ -11,6 +11,7 @@ from torchvision.datasets.folder import find_classes
 
 from lora_vision.data.archive import archive_stem, extract_archive
 from lora_vision.data.errors import DatasetFormatError, DatasetNotFoundError
+from lora_vision.data.images import load_rgb
 
 
 class FolderSource:
@@ -93,7 +94,7 @@ def list_classes(split_dir: Path) -> list[str]:
 
 
 def open_image_folder(split_dir: Path, expected_classes: Sequence[str] | None = None) -> ImageFolder:
-    """An untransformed ImageFolder over all class folders of ``split_dir``.
+    """An untransformed ImageFolder over all class folders of ``split_dir``; unreadable images raise BadImageError.
 
     With ``expected_classes``, the class folders must be exactly these, in this (label) order; this keeps
     labels consistent across splits and with a dataset's standard label order.
@@ -105,7 +106,7 @@ def open_image_folder(split_dir: Path, expected_classes: Sequence[str] | None = 
                 f"{split_dir} has class folders {found}; expected exactly {list(expected_classes)} "
                 "(sorted folder names must give the label order)"
             )
-    return _scan(lambda: ImageFolder(split_dir), split_dir)
+    return _scan(lambda: ImageFolder(split_dir, loader=load_rgb), split_dir)
 
 
 def open_class_subset(split_dir: Path, class_to_idx: Mapping[str, int]) -> ImageFolder:
@@ -124,7 +125,7 @@ class _ClassSubsetImageFolder(ImageFolder):
 
     def __init__(self, root: Path, class_to_idx: Mapping[str, int]) -> None:
         self._given_class_to_idx = dict(class_to_idx)
-        super().__init__(root)
+        super().__init__(root, loader=load_rgb)
 
     def find_classes(self, directory: str | os.PathLike[str]) -> tuple[list[str], dict[str, int]]:
         return list(self._given_class_to_idx), dict(self._given_class_to_idx)

@@ -230,7 +230,7 @@ def resolve_targets(
     for label, raw_pattern, preset in _expand(targets, head):
         slots = _parse_slots(raw_pattern)[1]
         hits = _matching_names(raw_pattern, preset, candidates, head)
-        where = f"target {label!r}" + (f" ({preset.description})" if preset else "")
+        where = f"lora.targets entry {label!r}" + (f" ({preset.description})" if preset else "")
         if not hits:
             hint = _no_match_hint(raw_pattern, preset, candidates, head)
             raise LoRAConfigError(f"{where} matches no adaptable module of this model; {hint}")

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lora_vision.data.base import ImageDataModule
+from lora_vision.data.resumable import ResumableDataLoader
 from lora_vision.module import Classifier
 from lora_vision.prefix_cache.split import ModelSplit, PrefixCacheError, find_split
 from lora_vision.prefix_cache.store import FeatureStore
@@ -71,7 +72,8 @@ class CachedFeatureData(L.LightningDataModule):
         # seed whenever an iterator starts, once per epoch, or only once for persistent workers; one persistent
         # worker keeps that pattern, and so the uncached run's order of batches.
         persistent = shuffle and source.persistent_workers and source.num_workers > 0
-        return DataLoader(
+        # Resumable mid-epoch like the image loaders it stands in for (lora_vision.data.resumable).
+        return (ResumableDataLoader if shuffle else DataLoader)(
             TensorDataset(*self.store.load(split)),
             batch_size=source.batch_size,
             shuffle=shuffle,

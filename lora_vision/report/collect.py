@@ -37,6 +37,8 @@ CONFIG_FIELDS = (
     "batch_size",
     "max_epochs",
 )
+# The `status` of a run stopped by a NaN/inf training loss (lora_vision.callbacks.FiniteLoss).
+DIVERGED = "diverged"
 METRICS = ("best_val_acc1", "test_acc1", "test_acc5", "wall_time_s", "trainable_params", "trainable_percent")
 
 
@@ -65,10 +67,18 @@ class Row:
     runs: int
     seeds: list[Any]
     failures: list[str] = field(default_factory=list)
+    # `status` of each run that did not complete, in the order of `failures`.
+    statuses: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return self.metrics["test_acc1"].n > 0 or self.metrics["best_val_acc1"].n > 0
+
+    @property
+    def outcome(self) -> str:
+        """What a row without results shows: `diverged` when every failed run diverged (too high a learning
+        rate, a finding of the sweep), else `failed`."""
+        return DIVERGED if self.statuses and all(s == DIVERGED for s in self.statuses) else "failed"
 
     @property
     def label(self) -> str:
@@ -86,6 +96,16 @@ def _text(value: Any) -> Any:
     if isinstance(value, dict):
         return ",".join(f"{k}={v}" for k, v in value.items())
     return "+".join(map(str, value)) if isinstance(value, list) else value
+
+
+def _completed(record: dict[str, Any]) -> bool:
+    return record.get("status") == "completed"
+
+
+def _failure(record: dict[str, Any]) -> str:
+    if record.get("status") == DIVERGED:
+        return f"diverged at step {record.get('diverged_at_step')}"
+    return str(record.get("error") or record.get("status"))
 
 
 def find_results(paths: Sequence[str | Path]) -> list[Path]:
@@ -134,7 +154,7 @@ def aggregate(records: Iterable[dict[str, Any]]) -> list[Row]:
         groups.setdefault(key, []).append(record)
     rows = []
     for key, members in groups.items():
-        done = [r for r in members if r.get("status") == "completed"]
+        done = [r for r in members if _completed(r)]
         rows.append(
             Row(
                 config=dict(zip(CONFIG_FIELDS, key, strict=True)),
@@ -142,10 +162,9 @@ def aggregate(records: Iterable[dict[str, Any]]) -> list[Row]:
                 runs=len(members),
                 seeds=sorted((r.get("seed") for r in members), key=str),
                 failures=[
-                    f"{r.get('_path') or r.get('output_dir')}: {r.get('error') or r.get('status')}"
-                    for r in members
-                    if r.get("status") != "completed"
+                    f"{r.get('_path') or r.get('output_dir')}: {_failure(r)}" for r in members if not _completed(r)
                 ],
+                statuses=[str(r.get("status")) for r in members if not _completed(r)],
             )
         )
     return sorted(rows, key=_sort_key)

@@ -34,7 +34,7 @@ def _cell(row: Row, field: str, kind: str) -> str:
         return _blank(row.config.get(field))
     stat: Stat = row.metrics[field]
     if stat.mean is None:
-        return "failed" if not row.ok and kind == "accuracy" else ""
+        return row.outcome if not row.ok and kind == "accuracy" else ""
     scale, fmt = {"count": (1, "{:,.0f}"), "percent": (1, "{:.3f}"), "accuracy": (100, "{:.2f}")}.get(
         kind, (1, "{:.0f}")
     )
@@ -51,7 +51,7 @@ def markdown(rows: list[Row]) -> str:
     ]
     for row in rows:
         cells = [_cell(row, f, k) for _, f, k in COLUMNS]
-        runs = f"{row.runs}" + (f" ({len(row.failures)} failed)" if row.failures else "")
+        runs = f"{row.runs}" + (f" ({len(row.failures)} {row.outcome})" if row.failures else "")
         lines.append("| " + " | ".join([*cells, runs]) + " |")
     failures = [f for row in rows for f in row.failures]
     if failures:
