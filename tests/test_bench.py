@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from lora_vision.bench import rank_gemms
 from lora_vision.bench.__main__ import main
 from lora_vision.bench.configs import BenchConfig, Settings, select_configs, select_options
 from lora_vision.bench.floor import attach_floor
@@ -220,3 +221,11 @@ def test_quick_cli_measures_memory_in_child_processes(tmp_path) -> None:
     assert main(["--quick", "--configs", "vit_s16/qv", "--no-inference", "--out", str(tmp_path)]) == 0
     peaks = json.loads((tmp_path / "results.json").read_text())["rows"][0]["peak_mib"]
     assert set(peaks) >= {"ours", "floor"} and all(mib > 0 for mib in peaks.values())
+
+
+def test_rank_gemm_table_times_every_product_of_the_lora_step(capsys) -> None:
+    rows = rank_gemms.measure(tokens=64, in_features=16, out_features=48, rank=4, repeats=2)
+    assert [row["product"].split(":")[0] for row in rows][:2] == ["layer", "h = x A^T"]
+    assert len(rows) == 6 and all(row["ms"] > 0 and row["gflops"] > 0 for row in rows)
+    assert rank_gemms.main(["--tokens", "32", "--in-features", "8", "--out-features", "24", "--repeats", "1"]) == 0
+    assert "| dB = (h^T g)^T |" in capsys.readouterr().out
