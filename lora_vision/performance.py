@@ -7,6 +7,7 @@ checkpoints, adapter files and exports, exactly as they are without it. What eac
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,6 +16,8 @@ from timm.layers import use_reentrant_ckpt
 from torch import nn
 
 OPTIONS = ("compile", "channels_last", "grad_checkpointing")
+# What a perf.compile mapping may set: torch.compile's keyword arguments (the model is the positional one).
+COMPILE_OPTIONS = frozenset(inspect.signature(torch.compile).parameters) - {"model"}
 
 
 class PerformanceOptionError(ValueError):
@@ -39,8 +42,16 @@ def apply_performance_options(
         backward pass instead of kept. Frozen blocks below the lowest adapter need no backward pass at all, so
         the recomputation is paid only from the lowest adapted block up.
     """
+    for name, value in (("channels_last", channels_last), ("grad_checkpointing", grad_checkpointing)):
+        if not isinstance(value, bool):
+            raise PerformanceOptionError(f"perf.{name}={value!r} is invalid: expected true or false")
     if not isinstance(compile, bool | Mapping):
         raise PerformanceOptionError(f"perf.compile={compile!r} is invalid: expected true, false or a mapping")
+    unknown = sorted(set(compile) - COMPILE_OPTIONS) if isinstance(compile, Mapping) else []
+    if unknown:
+        raise PerformanceOptionError(
+            f"perf.compile has keys {unknown} that torch.compile does not take; valid: {sorted(COMPILE_OPTIONS)}"
+        )
     if grad_checkpointing:
         enable_grad_checkpointing(model)
     if channels_last:

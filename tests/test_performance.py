@@ -82,6 +82,17 @@ def test_compile_keeps_parameter_names_and_the_function(images) -> None:
     assert_same_training(reference, compiled, images, atol=1e-5)
 
 
-def test_bad_compile_value_names_the_key() -> None:
-    with pytest.raises(PerformanceOptionError, match=r"perf\.compile='fast' is invalid"):
-        apply_performance_options(adapted_vit(), compile="fast")
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"compile": "fast"}, r"perf\.compile='fast' is invalid"),
+        ({"compile": {"mod": "max-autotune"}}, r"perf\.compile has keys \['mod'\].*'mode'"),
+        ({"channels_last": "yes"}, r"perf\.channels_last='yes' is invalid: expected true or false"),
+        ({"grad_checkpointing": 1}, r"perf\.grad_checkpointing=1 is invalid"),
+    ],
+)
+def test_bad_option_values_name_the_key_before_anything_is_applied(options: dict, message: str) -> None:
+    model = adapted_vit()
+    with pytest.raises(PerformanceOptionError, match=message):
+        apply_performance_options(model, **options)
+    assert not model.grad_checkpointing

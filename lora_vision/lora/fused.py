@@ -128,9 +128,9 @@ def linear_with_low_rank(
     autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
     dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
     shared = x_dropped is x
-    # Folding pays off from about one token per (1/in + 1/out) weight elements: ViT-B/16 qkv shapes on a CPU
-    # measured 1.23x the frozen layer's step folded vs 1.11x unfolded at 197 tokens (one image), 1.02x vs 1.08x
-    # at 1,576 tokens (eight); the two cross near tokens * (in + out) = in * out.
+    # Folding costs passes over W (out * in), not folding costs rank-r products over the tokens (tokens * (in +
+    # out) per rank); on ViT-B/16 qkv shapes on a CPU the two broke even near tokens * (in + out) = in * out, about
+    # one 224 px image: below it the in-place addition is cheaper, from two images up folding is.
     tokens = x.numel() // x.shape[-1]
     fold = shared and torch.finfo(dtype).bits >= 32 and tokens * sum(weight.shape) >= weight.numel()
     if autocast:
