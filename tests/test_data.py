@@ -125,6 +125,21 @@ def test_train_subset_is_class_balanced_and_drawn_after_the_val_split(tree):
     assert set(dm.dataset("train").indices) <= set(full.dataset("train").indices)
 
 
+def test_test_subset_is_class_balanced_and_the_same_for_every_seed(tree):
+    def test_indices(**options):
+        dm = ImageFolderDataModule(root=tree, test_subset=5, **FAST, **options)
+        return dm.dataset("test")
+
+    subset = test_indices(seed=1)
+    assert len(subset) == 5
+    assert sorted(Counter(subset.targets).values()) == [1, 2, 2]
+    assert subset.indices == test_indices(seed=2).indices
+    with pytest.raises(ValueError, match=re.escape("test_subset must be an integer in [1, 9] (images available)")):
+        ImageFolderDataModule(root=tree, test_subset=10, **FAST).dataset("test")
+    with pytest.raises(ValueError, match="test_subset must be an integer >= 1"):
+        ImageFolderDataModule(root=tree, test_subset=0, **FAST)
+
+
 def test_val_fraction_zero_uses_the_val_folder_else_the_test_folder(tmp_path, tree):
     dm = ImageFolderDataModule(root=tree, val_fraction=0, **FAST)
     dm.setup("fit")

@@ -26,6 +26,8 @@ from lora_vision.data.transforms import (
 _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
 # The most workers `num_workers="auto"` starts: more rarely help our datasets, and each holds its own memory.
 MAX_AUTO_WORKERS = 8
+# Seeds the test_subset draw: fixed, so runs with different seeds are scored on the same test images.
+TEST_SUBSET_SEED = 0
 
 
 class ImageDataModule(LightningDataModule, ABC):
@@ -56,6 +58,9 @@ class ImageDataModule(LightningDataModule, ABC):
             ``re_prob``, ``hflip``, ``scale``, ...).
         train_subset: if set, train on a seeded, class-balanced subset of this many images, taken after
             the validation split (so the validation set is the same for every subset size).
+        test_subset: if set, test on a class-balanced subset of this many test images, drawn with a fixed
+            seed (``TEST_SUBSET_SEED``, not ``seed``), so every run of a study, whatever its seed, is scored
+            on the same images.
         resize_on_device: batch the resize and normalization (for datamodules whose images all have one
             size, ``source_size``: the CIFAR ones). Each worker then only augments at the source size (timm's
             training pipeline with its random-resized crop output at the source size) and yields uint8
@@ -91,14 +96,16 @@ class ImageDataModule(LightningDataModule, ABC):
         val_fraction: float = 0.1,
         train_augment: AugmentConfig = True,
         train_subset: int | None = None,
+        test_subset: int | None = None,
         resize_on_device: bool = False,
         skip_bad_images: bool = False,
     ) -> None:
         super().__init__()
         check_int("batch_size", batch_size, minimum=1)
         check_int("seed", seed, minimum=0)
-        if train_subset is not None:
-            check_int("train_subset", train_subset, minimum=1)
+        for name, size in (("train_subset", train_subset), ("test_subset", test_subset)):
+            if size is not None:
+                check_int(name, size, minimum=1)
         if isinstance(val_fraction, bool) or not isinstance(val_fraction, int | float) or not 0 <= val_fraction < 1:
             raise ValueError(f"val_fraction must be a number in [0, 1), got {val_fraction!r}")
         if not isinstance(train_augment, bool | Mapping):
@@ -122,6 +129,7 @@ class ImageDataModule(LightningDataModule, ABC):
         self.val_fraction = float(val_fraction)
         self.train_augment = train_augment
         self.train_subset = train_subset
+        self.test_subset = test_subset
         self.resize_on_device = resize_on_device
         self.skip_bad_images = skip_bad_images
         # image folder -> unreadable images left out; keyed by folder, so a folder serving two splits (val/ as
@@ -214,7 +222,10 @@ class ImageDataModule(LightningDataModule, ABC):
             self._setup_fit_splits()
         if "test" in needed and "test" not in self._splits:
             test = self._raw_split("test", required=True)
-            self._splits["test"] = TransformedSubset(test, None, self.build_transform(is_training=False))
+            indices = None
+            if self.test_subset is not None:
+                indices = balanced_subset(test.targets, self.test_subset, TEST_SUBSET_SEED, name="test_subset")
+            self._splits["test"] = TransformedSubset(test, indices, self.build_transform(is_training=False))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", stage="fit", shuffle=True)

@@ -58,16 +58,18 @@ def stratified_split(targets: Sequence[int], fraction: float, seed: int) -> tupl
     return sorted(rest), sorted(held_out)
 
 
-def balanced_subset(targets: Sequence[int], size: int, seed: int, among: Sequence[int] | None = None) -> list[int]:
+def balanced_subset(
+    targets: Sequence[int], size: int, seed: int, among: Sequence[int] | None = None, *, name: str = "train_subset"
+) -> list[int]:
     """Pick ``size`` indices (from ``among``, default all) spread as evenly as possible over the classes.
 
     Each class gets ``size // n_classes`` images; the remainder goes one each to seeded-randomly chosen
-    classes, so no class is systematically favoured. Sorted result.
+    classes, so no class is systematically favoured. Sorted result; errors name the option ``name``.
     """
     candidates = range(len(targets)) if among is None else among
     by_class = _by_class(targets, candidates)
     if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= len(candidates):
-        raise ValueError(f"train_subset must be an integer in [1, {len(candidates)}] (training images), got {size!r}")
+        raise ValueError(f"{name} must be an integer in [1, {len(candidates)}] (images available), got {size!r}")
     generator = torch.Generator().manual_seed(seed)
     per_class, remainder = divmod(size, len(by_class))
     lucky = set(torch.randperm(len(by_class), generator=generator)[:remainder].tolist())
@@ -77,8 +79,8 @@ def balanced_subset(targets: Sequence[int], size: int, seed: int, among: Sequenc
         if quota > len(members):
             largest = len(by_class) * min(map(len, by_class.values()))
             raise ValueError(
-                f"train_subset={size} needs {quota} images of class {label} but only {len(members)} are "
-                f"available; every class fits up to train_subset={largest}"
+                f"{name}={size} needs {quota} images of class {label} but only {len(members)} are "
+                f"available; every class fits up to {name}={largest}"
             )
         chosen += _shuffled(members, generator)[:quota]
     return sorted(chosen)
