@@ -12,6 +12,7 @@ import pytest
 from lora_vision.report import build_report
 from lora_vision.report.__main__ import main
 from lora_vision.report.collect import aggregate, pareto_front
+from lora_vision.report.table import gap_closed, markdown
 
 
 def record(method: str, rank: int | None, targets: list[str] | None, acc: float | None, params: int, **extra) -> dict:
@@ -107,3 +108,38 @@ def test_cli_reports_missing_inputs_clearly(tmp_path: Path, capsys: pytest.Captu
     (tmp_path / "runs" / "0" / "results.json").write_text('{"status": "compl')
     assert main([str(tmp_path / "runs")]) == 2
     assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_gap_closed_is_each_rows_share_of_the_probe_to_full_gap() -> None:
+    rows = aggregate(RECORDS)
+    gaps = {
+        (r.config["method"], r.config["targets"], r.config["rank"]): gap_closed(rows).get(i) for i, r in enumerate(rows)
+    }
+    # probe 50%, full 80%: r=4 (mean 72%) closes 22/30 of the gap, r=2 (65%) half of it; the failed row has none.
+    assert gaps[("lora", "qv", 4)] == pytest.approx(100 * 22 / 30)
+    assert gaps[("lora", "qv", 2)] == pytest.approx(50.0)
+    assert (gaps[("linear_probe", None, None)], gaps[("full", None, None)]) == (0.0, 100.0)
+    assert gaps[("lora", "mlp", 2)] is None
+    table = markdown(rows)
+    assert "| gap closed (%) |" in table.splitlines()[0] and "| 73 | 2 |" in table
+
+
+def test_gap_closed_pairs_rows_with_the_baselines_of_their_own_setting() -> None:
+    at_64 = [{**r, "image_size": 64, "test_acc1": r["test_acc1"] and r["test_acc1"] - 0.1} for r in RECORDS[:4]]
+    rows = aggregate(RECORDS + at_64)
+    gaps = gap_closed(rows)
+    lora_r4 = {r.config["image_size"]: gaps[i] for i, r in enumerate(rows) if r.config["rank"] == 4}
+    assert lora_r4 == {32: pytest.approx(100 * 22 / 30), 64: pytest.approx(100 * 22 / 30)}
+    # Without full fine-tuning in a setting, its rows get no share.
+    assert gap_closed(aggregate([r for r in RECORDS if r["method"] != "full"])) == {}
+
+
+def test_settings_that_differ_between_rows_get_a_column_and_a_legend_qualifier(tmp_path: Path) -> None:
+    assert "image size" not in markdown(aggregate(RECORDS)).splitlines()[0]
+    at_64 = [{**r, "image_size": 64} for r in RECORDS[:4]]
+    header = markdown(aggregate(RECORDS + at_64)).splitlines()[0]
+    assert header.startswith("| model | image size | method |")
+    write_runs(tmp_path / "runs", RECORDS + at_64)
+    report = build_report([tmp_path / "runs"], tmp_path / "out")
+    single = build_report([tmp_path / "runs" / str(i) for i in range(len(RECORDS))], tmp_path / "single")
+    assert report.png.read_bytes() != single.png.read_bytes()

@@ -17,6 +17,12 @@ BASELINE_STYLE = {
     "linear probe": dict(marker="s", color="black", markersize=8),
     "full fine-tuning": dict(marker="*", color="tab:red", markersize=13),
 }
+# Config fields that name a series when a report's rows differ in them, and how each reads in the legend.
+SERIES_QUALIFIERS = {
+    "experiment": str,
+    "model": str,
+    "image_size": lambda size: f"{size} px",
+}
 
 
 def _point(row: Row) -> tuple[float, float, float] | None:
@@ -29,19 +35,24 @@ def _point(row: Row) -> tuple[float, float, float] | None:
 def plot(rows: list[Row], path: Path, title: str | None = None) -> Path:
     """Write the accuracy-vs-parameters PNG; each LoRA target set is one line, its points labelled by rank."""
     fig, ax = plt.subplots(figsize=(8.5, 5.2), dpi=150)
-    models = {row.config.get("model") for row in rows}
+    # Rows of several experiments, models or input sizes in one report would otherwise share a line.
+    qualifiers = [field for field in SERIES_QUALIFIERS if len({row.config.get(field) for row in rows}) > 1]
     series: dict[str, list[tuple[Row, tuple[float, float, float]]]] = {}
     for row in rows:
         point = _point(row)
         if point is not None:
-            label = row.label if len(models) == 1 else f"{row.config.get('model')}: {row.label}"
-            series.setdefault(label, []).append((row, point))
+            prefix = ", ".join(SERIES_QUALIFIERS[field](row.config.get(field)) for field in qualifiers)
+            series.setdefault(f"{prefix}: {row.label}" if prefix else row.label, []).append((row, point))
     lora_series = 0
     for label, members in series.items():
         members.sort(key=lambda m: m[1][0])
         xs, ys, errs = zip(*(p for _, p in members), strict=True)
         style = next((s for name, s in BASELINE_STYLE.items() if label.endswith(name)), None)
         if style is not None:
+            # A qualified baseline ("224 px: linear probe") keeps its marker but takes the next colour, so the
+            # same baseline at two sizes stays two distinguishable points.
+            if label not in BASELINE_STYLE:
+                style = {key: value for key, value in style.items() if key != "color"}
             ax.errorbar(xs, ys, yerr=errs, linestyle="none", label=label, capsize=3, **style)
             continue
         line = ax.errorbar(xs, ys, yerr=errs, marker="o", markersize=5, capsize=3, label=label)

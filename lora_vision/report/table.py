@@ -23,6 +23,13 @@ COLUMNS = (
     ("test acc5 (%)", "test_acc5", "accuracy"),
     ("time (s)", "wall_time_s", "seconds"),
 )
+# Settings shown, after the model, only when a report's rows differ in them (a study at two input sizes, a
+# learning-rate search).
+VARYING = (("experiment", "experiment"), ("image size", "image_size"), ("lr", "lr"))
+# Rows compared with each other's baselines share these settings (not the experiment name: sweeps that name their
+# arms, such as a scale rule per arm, still share one probe and one full fine-tuning).
+SETTING = ("model", "data", "image_size", "max_epochs")
+GAP_HEADER = "gap closed (%)"
 
 
 def _blank(value: object) -> str:
@@ -43,14 +50,45 @@ def _cell(row: Row, field: str, kind: str) -> str:
     return text if stat.std is None or kind in ("count", "percent") else f"{text} ± {fmt.format(stat.std * scale)}"
 
 
-def markdown(rows: list[Row]) -> str:
-    """A Markdown table, one row per configuration, then the errors of failed runs."""
-    lines = [
-        "| " + " | ".join([h for h, _, _ in COLUMNS] + ["runs"]) + " |",
-        "|" + "|".join(["---"] * (len(COLUMNS) + 1)) + "|",
-    ]
+def gap_closed(rows: list[Row]) -> dict[int, float]:
+    """Each row's share of the linear-probe-to-full-fine-tuning gap in mean test top-1, in percent, by row index.
+
+    ``(acc - probe) / (full - probe)``: 0 is the probe, 100 is full fine-tuning. Only rows whose setting (the
+    ``SETTING`` fields; the learning rate may differ) has both baselines, with full fine-tuning ahead, get one.
+    """
+    baselines: dict[tuple, dict[str, float]] = {}
     for row in rows:
+        acc = row.metrics["test_acc1"].mean
+        if row.config.get("method") in ("linear_probe", "full") and acc is not None:
+            baselines.setdefault(_setting(row), {})[row.config["method"]] = acc
+    gaps = {}
+    for index, row in enumerate(rows):
+        ends, acc = baselines.get(_setting(row), {}), row.metrics["test_acc1"].mean
+        if acc is not None and len(ends) == 2 and ends["full"] > ends["linear_probe"]:
+            gaps[index] = 100 * (acc - ends["linear_probe"]) / (ends["full"] - ends["linear_probe"])
+    return gaps
+
+
+def _setting(row: Row) -> tuple:
+    return tuple(str(row.config.get(field)) for field in SETTING)
+
+
+def markdown(rows: list[Row]) -> str:
+    """A Markdown table, one row per configuration, then the errors of failed runs.
+
+    Settings that differ between rows (``VARYING``) get a column after the model; the gap-closed column appears
+    when some setting has both the linear probe and full fine-tuning.
+    """
+    varying = [(h, f) for h, f in VARYING if len({_blank(row.config.get(f)) for row in rows}) > 1]
+    gaps = gap_closed(rows)
+    headers = [COLUMNS[0][0], *(h for h, _ in varying), *(h for h, _, _ in COLUMNS[1:])]
+    headers += [GAP_HEADER] if gaps else []
+    lines = ["| " + " | ".join([*headers, "runs"]) + " |", "|" + "|".join(["---"] * (len(headers) + 1)) + "|"]
+    for index, row in enumerate(rows):
         cells = [_cell(row, f, k) for _, f, k in COLUMNS]
+        cells[1:1] = [_blank(row.config.get(f)) for _, f in varying]
+        if gaps:
+            cells.append(f"{gaps[index]:.0f}" if index in gaps else "")
         runs = f"{row.runs}" + (f" ({len(row.failures)} {row.outcome})" if row.failures else "")
         lines.append("| " + " | ".join([*cells, runs]) + " |")
     failures = [f for row in rows for f in row.failures]
@@ -64,16 +102,19 @@ def to_csv(rows: list[Row]) -> str:
     extra = ["rank_pattern", "alpha_pattern", "loraplus_lr_ratio", "experiment", "data", "image_size", "lr"]
     config_fields = [f for _, f, k in COLUMNS if k == "config"] + extra
     metric_fields = [f for _, f, k in COLUMNS if k != "config"]
-    header = [*config_fields, *(f"{m}_{s}" for m in metric_fields for s in ("mean", "std", "n")), "runs", "failed"]
+    header = [*config_fields, *(f"{m}_{s}" for m in metric_fields for s in ("mean", "std", "n"))]
+    header += ["gap_closed_percent", "runs", "failed"]
+    gaps = gap_closed(rows)
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(header)
-    for row in rows:
+    for index, row in enumerate(rows):
         stats = [row.metrics[m] for m in metric_fields]
         writer.writerow(
             [
                 *(_blank(row.config.get(f)) for f in config_fields),
                 *(_blank(v) for s in stats for v in (s.mean, s.std, s.n)),
+                _blank(gaps.get(index)),
                 row.runs,
                 len(row.failures),
             ]
