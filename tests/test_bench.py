@@ -186,7 +186,7 @@ def test_quick_cli_writes_the_tables(tmp_path) -> None:
     table = (tmp_path / "results.md").read_text()
     assert "python -m lora_vision.bench --quick --configs" in table
     assert "| vit_s16/qv | tiny ViT" in table and "| resnet50/linear_probe |" in table
-    assert "## Inference" in table and "## Goals" in table
+    assert "## Inference" in table and "## Thresholds" in table
     record = json.loads((tmp_path / "results.json").read_text())
     qv = record["rows"][0]
     assert set(qv["ms"]) >= {"ours", "floor"} and qv["ours_over_floor"] > 0

@@ -1,4 +1,4 @@
-"""The performance benchmark of issue 6: our LoRA against its floor and against Hugging Face PEFT.
+"""The performance benchmark: our LoRA against its floor and against Hugging Face PEFT.
 
 `python -m lora_vision.bench` (or `make bench`) times a training step of each configuration for three sides in
 one process, in rotating order: ours, PEFT's LoRA on the same timm model and targets, and the floor (the same
