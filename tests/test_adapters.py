@@ -13,7 +13,6 @@ import safetensors.torch
 import timm
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from lora_vision.adapters import (
     ADAPTER_META,
@@ -29,44 +28,15 @@ from lora_vision.adapters import (
 from lora_vision.lora import LoRALayer, merge_lora
 from lora_vision.methods import BitFit, FullFineTune, LinearProbe, LoRA
 from lora_vision.models import build_model
-from tests.conftest import TINY_VIT, randomize_adapters, tiny_resnet, tiny_vit
-
-VIT_KWARGS = {k: v for k, v in TINY_VIT.items() if k != "num_classes"}
-RESNET_KWARGS = {"zero_init_last": False}
-
-
-def perturb_trainable(model: nn.Module) -> None:
-    """Move every trainable tensor and the running statistics away from their initial values, as training would."""
-    randomize_adapters(model)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.requires_grad and "lora_" not in name:
-                param.add_(torch.randn(param.shape, generator=generator) * 0.1)
-        for module in model.modules():
-            if isinstance(module, _BatchNorm) and any(p.requires_grad for p in module.parameters()):
-                module.running_mean.add_(torch.randn(module.running_mean.shape, generator=generator) * 0.1)
-
-
-def adapted(make: Callable[[], nn.Module], method: object, path: Path, name: str, kwargs: dict) -> nn.Module:
-    """A model built by `make` from seed 0, with `method` applied, perturbed and saved as an adapter at `path`."""
-    torch.manual_seed(0)
-    model = make()
-    fingerprint = weights_fingerprint(model)
-    method.apply(model)
-    perturb_trainable(model)
-    save_adapter(
-        model,
-        path,
-        model_name=name,
-        model_kwargs=kwargs,
-        num_classes=10,
-        method_config=method.config(),
-        base_fingerprint=fingerprint,
-        base_source={"pretrained": False, "checkpoint": None, "seed": 0},
-    )
-    return model.eval()
-
+from tests.helpers import (
+    RESNET_KWARGS,
+    VIT_KWARGS,
+    adapted,
+    perturb_trainable,
+    randomize_adapters,
+    tiny_resnet,
+    tiny_vit,
+)
 
 CASES = {
     "vit-qv": (tiny_vit, lambda: LoRA(rank=4, targets=["qv"])),

@@ -31,7 +31,7 @@ from lora_vision.lora import LoRALayer, LoRALinear, apply_lora, lora_layers
 from lora_vision.lora.layers import QKV_SLOTS
 from lora_vision.methods import LoRA
 from lora_vision.models import build_model
-from tests.conftest import TINY_VIT, randomize_adapters, tiny_resnet, tiny_vit
+from tests.helpers import TINY_VIT, randomize_adapters, tiny_resnet, tiny_vit
 
 
 def grouped_convs() -> nn.Module:

@@ -29,7 +29,7 @@ from lora_vision.models import ModelConfigError, PretrainedWeightsUnavailable
 from lora_vision.preflight import OutputDirError, check_output_dir
 from lora_vision.results import write_json_atomic
 from lora_vision.train import run
-from tests.test_config import composed
+from tests.helpers import composed
 
 # (override on top of +exp=smoke, error type, fragments the message must contain)
 CONFIG_CASES = {

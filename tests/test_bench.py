@@ -25,8 +25,7 @@ from lora_vision.bench.sides import (
 )
 from lora_vision.bench.timing import Stats, rotated, time_alternating
 from lora_vision.lora import LoRALayer
-
-from .conftest import randomize_adapters, tiny_resnet, tiny_vit
+from tests.helpers import randomize_adapters, tiny_resnet, tiny_vit
 
 SETTINGS = Settings(quick=True, rank=4, alpha=8.0)
 VIT_QV = BenchConfig("vit", "qv", ("qv",), peft_peer="whole qkv")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import functools
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -13,7 +11,6 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
@@ -24,8 +21,8 @@ from lora_vision.data import DatasetNotFoundError
 from lora_vision.lora import LoRAConfigError
 from lora_vision.models import build_model
 from lora_vision.train import build_datamodule, build_method, instantiate_all, with_debug_overlay
+from tests.helpers import CONF, composed
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "exp").glob("*.yaml"))
 # Groups whose options each select one config (debug options are global overlays, tested separately).
 GROUPS = ("model", "lora", "data", "trainer", "logger", "callbacks", "paths", "hydra")
@@ -33,26 +30,6 @@ GROUPS = ("model", "lora", "data", "trainer", "logger", "callbacks", "paths", "h
 
 def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
-
-
-@contextmanager
-def composed(*overrides: str, output_dir: str | Path = "unused-output-dir") -> Iterator[DictConfig]:
-    """The run config for `overrides`, as `python -m lora_vision.train` would compose it.
-
-    The Hydra node is registered as the current HydraConfig (so `${hydra:...}` interpolations resolve) and then
-    dropped, as `@hydra.main` does; `paths.output_dir` points at `output_dir`.
-    """
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=[*overrides, f"paths.output_dir={output_dir}"], return_hydra_config=True)
-        HydraConfig.instance().set_config(cfg)
-        with_hydra = cfg.copy()
-        OmegaConf.set_struct(cfg, False)
-        del cfg.hydra
-        OmegaConf.set_struct(cfg, True)
-        yield cfg
-        # Run and sweep directories must resolve too.
-        OmegaConf.to_container(with_hydra.hydra.run, resolve=True)
-        OmegaConf.select(with_hydra, "hydra.sweep.dir")
 
 
 @pytest.mark.parametrize("exp", EXPERIMENTS)

@@ -24,7 +24,7 @@ from lora_vision.data import (
 from lora_vision.data.base import MAX_AUTO_WORKERS, resolve_num_workers
 from lora_vision.evaluate import evaluate_model
 from lora_vision.train import build_datamodule
-from tests.test_config import composed
+from tests.helpers import composed
 
 IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
 CONFIG = {"input_size": (3, 48, 48), "interpolation": "bicubic", **IMAGENET, "crop_pct": 1.0, "crop_mode": "center"}

@@ -2,13 +2,13 @@
 
 import shutil
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
 from lora_vision.data import CIFAR10_CLASSES, IMAGEWOOF, CIFAR10DataModule, ImageNetSubsetDataModule
+from tests.helpers import SHARED
 
-SHARED_DATA = Path(__file__).parents[1].parent / "shared" / "data"
+SHARED_DATA = SHARED / "data"
 CIFAR10_TAR = SHARED_DATA / "cifar10" / "cifar10-jpeg.tar.gz"
 IMAGEWOOF_TAR = SHARED_DATA / "imagewoof" / "imagewoof2-160.tar"
 

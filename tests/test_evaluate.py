@@ -18,9 +18,7 @@ from lora_vision.evaluate import evaluate_model, load_source, locate_source, mai
 from lora_vision.export import main as export_main
 from lora_vision.methods import LoRA
 from lora_vision.train import run
-from tests.conftest import tiny_vit
-from tests.test_adapters import VIT_KWARGS, adapted
-from tests.test_config import composed
+from tests.helpers import VIT_KWARGS, adapted, composed, tiny_vit
 
 
 class Recorder(nn.Identity):

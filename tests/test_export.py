@@ -17,8 +17,15 @@ from lora_vision.adapters import weights_fingerprint
 from lora_vision.export import MODEL_META, MODEL_TENSORS, export_merged, load_merged, main
 from lora_vision.lora import LoRALayer
 from lora_vision.methods import LoRA
-from tests.conftest import randomize_adapters, tiny_resnet, tiny_vit
-from tests.test_adapters import RESNET_KWARGS, VIT_KWARGS, adapted, perturb_trainable
+from tests.helpers import (
+    RESNET_KWARGS,
+    VIT_KWARGS,
+    adapted,
+    perturb_trainable,
+    randomize_adapters,
+    tiny_resnet,
+    tiny_vit,
+)
 
 VIT = "vit_small_patch16_224"
 

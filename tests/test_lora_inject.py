@@ -21,8 +21,7 @@ from lora_vision.lora import (
     unmerge_lora,
 )
 from lora_vision.methods import FullFineTune, LinearProbe, LoRA
-
-from .conftest import EFFNET_WEIGHTS, randomize_adapters, tiny_resnet, tiny_vit
+from tests.helpers import EFFNET_WEIGHTS, randomize_adapters, tiny_resnet, tiny_vit
 
 
 def n_params(model: nn.Module) -> int:

@@ -12,8 +12,7 @@ from timm.layers import Conv2dSame
 from torch import nn
 
 from lora_vision.lora import LoRAConfigError, LoRAConv2d, LoRALinear
-
-from .conftest import randomize_adapters
+from tests.helpers import randomize_adapters
 
 CONVS = {
     "3x3": lambda: nn.Conv2d(8, 16, 3, padding=1),

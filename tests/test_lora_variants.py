@@ -14,8 +14,7 @@ from torch import nn
 from lora_vision.lora import LoRAConfigError, LoRAConv2d, LoRALinear, apply_lora, merge_lora, unmerge_lora
 from lora_vision.methods import BitFit, FullFineTune, LinearProbe, LoRA
 from lora_vision.module import Classifier
-
-from .conftest import randomize_adapters, tiny_resnet, tiny_vit
+from tests.helpers import randomize_adapters, tiny_resnet, tiny_vit
 
 VARIANTS = {
     "rslora": dict(rslora=True),

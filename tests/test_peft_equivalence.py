@@ -9,8 +9,7 @@ import torch
 from torch import nn
 
 from lora_vision.lora import apply_lora, lora_layers
-
-from .conftest import randomize_adapters, tiny_resnet, tiny_vit
+from tests.helpers import randomize_adapters, tiny_resnet, tiny_vit
 
 peft = pytest.importorskip("peft", reason="peft is a dev dependency")
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from lora_vision.lora import apply_lora
 from lora_vision.performance import PerformanceOptionError, apply_performance_options
-from tests.conftest import randomize_adapters, tiny_resnet, tiny_vit
+from tests.helpers import randomize_adapters, tiny_resnet, tiny_vit
 
 
 def adapted_vit() -> nn.Module:

@@ -27,8 +27,7 @@ from lora_vision.prefix_cache import (
 )
 from lora_vision.prefix_cache.serve import key_parts
 from lora_vision.train import run
-from tests.conftest import randomize_adapters, tiny_resnet, tiny_vit
-from tests.test_config import composed
+from tests.helpers import composed, randomize_adapters, tiny_resnet, tiny_vit
 
 CPU = torch.device("cpu")
 

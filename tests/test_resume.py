@@ -29,7 +29,7 @@ from lora_vision.report.collect import aggregate
 from lora_vision.report.table import markdown
 from lora_vision.resume import LAST_CHECKPOINT, AtomicCheckpointIO
 from lora_vision.train import SIGTERM_EXIT_STATUS, run
-from tests.test_config import composed
+from tests.helpers import composed
 
 ROOT = Path(__file__).resolve().parents[1]
 # LoRA dropout makes every training step draw from the global RNG, so an exact resume needs its state restored.

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,34 +11,9 @@ from hydra import compose, initialize_config_dir
 
 from lora_vision.report import build_report
 from lora_vision.report.hydra_callback import SweepReport
-from tests.test_config import CONF
+from tests.helpers import CONF, FAST, launch, multirun, records
 
-# One short epoch on a quarter of the smoke data: the sweep machinery is under test, not the training.
-FAST = ("+exp=smoke", "trainer.max_epochs=1", "data.num_samples=64", "data.num_test_samples=32")
 REPORT_FILES = ("report.md", "report.csv", "report.png")
-
-
-def launch(out: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """`python -m lora_vision.train ARGS` run from `out`, offline, with W&B files kept in `out`."""
-    out.mkdir(parents=True, exist_ok=True)
-    offline = {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(out)}
-    return subprocess.run(
-        [sys.executable, "-m", "lora_vision.train", *args],
-        cwd=out,
-        env={**os.environ, **offline, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
-def multirun(sweep_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return launch(sweep_dir.parent, "-m", *FAST, *overrides, f"hydra.sweep.dir={sweep_dir}")
-
-
-def records(sweep_dir: Path) -> dict[str, dict]:
-    """results.json of every job, by job directory name."""
-    return {p.parent.name: json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/results.json"))}
 
 
 def table_rows(report_md: Path) -> list[str]:

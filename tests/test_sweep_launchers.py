@@ -9,7 +9,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from tests.test_sweep import FAST, launch, multirun, records
+from tests.helpers import FAST, launch, multirun, records
 
 
 def test_optuna_sweep_tells_failed_trials_and_finds_the_best(tmp_path: Path) -> None:

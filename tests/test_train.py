@@ -12,7 +12,7 @@ import pytest
 
 from lora_vision.config_checks import ConfigError
 from lora_vision.train import run
-from tests.test_config import composed
+from tests.helpers import composed
 
 ROOT = Path(__file__).resolve().parents[1]
 
