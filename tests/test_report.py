@@ -143,3 +143,9 @@ def test_settings_that_differ_between_rows_get_a_column_and_a_legend_qualifier(t
     report = build_report([tmp_path / "runs"], tmp_path / "out")
     single = build_report([tmp_path / "runs" / str(i) for i in range(len(RECORDS))], tmp_path / "single")
     assert report.png.read_bytes() != single.png.read_bytes()
+
+
+def test_rows_of_a_learning_rate_search_sort_by_value_not_by_text() -> None:
+    lrs = [3e-5, 1e-4, 3e-4, 1e-3]
+    rows = aggregate([record("full", None, None, 0.7, 100, lr=lr) for lr in reversed(lrs)])
+    assert [r.config["lr"] for r in rows] == lrs

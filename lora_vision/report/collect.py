@@ -138,10 +138,12 @@ def _sort_key(row: Row) -> tuple:
     return (
         str(c.get("experiment")),
         str(c.get("model")),
+        c.get("image_size") or 0,
         METHOD_ORDER.get(c.get("method"), 9),
         str(c.get("targets")),
         str(c.get("blocks")),
         c.get("rank") or 0,
+        c.get("lr") or 0,
         tuple(str(c.get(k)) for k in CONFIG_FIELDS),
     )
 
