@@ -16,7 +16,10 @@ from lora_vision.results import write_atomic
 BASELINE_STYLE = {
     "linear probe": dict(marker="s", color="black", markersize=8),
     "full fine-tuning": dict(marker="*", color="tab:red", markersize=13),
+    "BitFit": dict(marker="D", color="tab:olive", markersize=7),
 }
+# One dash pattern per frontier when a report has several (one per input size or model).
+FRONTIER_DASHES = ((4, 2), (1, 2), (6, 2, 1, 2))
 # Config fields that name a series when a report's rows differ in them, and how each reads in the legend.
 SERIES_QUALIFIERS = {
     "experiment": str,
@@ -38,11 +41,15 @@ def plot(rows: list[Row], path: Path, title: str | None = None) -> Path:
     # Rows of several experiments, models or input sizes in one report would otherwise share a line.
     qualifiers = [field for field in SERIES_QUALIFIERS if len({row.config.get(field) for row in rows}) > 1]
     series: dict[str, list[tuple[Row, tuple[float, float, float]]]] = {}
+    # The points of each qualifier group (one input size, one model): a frontier across groups would compare
+    # settings, not methods.
+    groups: dict[str, list[tuple[float, float]]] = {}
     for row in rows:
         point = _point(row)
         if point is not None:
             prefix = ", ".join(SERIES_QUALIFIERS[field](row.config.get(field)) for field in qualifiers)
             series.setdefault(f"{prefix}: {row.label}" if prefix else row.label, []).append((row, point))
+            groups.setdefault(prefix, []).append(point[:2])
     lora_series = 0
     for label, members in series.items():
         members.sort(key=lambda m: m[1][0])
@@ -58,6 +65,8 @@ def plot(rows: list[Row], path: Path, title: str | None = None) -> Path:
         line = ax.errorbar(xs, ys, yerr=errs, marker="o", markersize=5, capsize=3, label=label)
         lora_series += 1
         for row, (x, y, _) in members:
+            if row.config.get("rank") is None:
+                continue
             ax.annotate(
                 f"r={row.config.get('rank')}",
                 (x, y),
@@ -67,10 +76,13 @@ def plot(rows: list[Row], path: Path, title: str | None = None) -> Path:
                 fontsize=7,
                 color=line[0].get_color(),
             )
-    front = pareto_front((x, y) for members in series.values() for _, (x, y, _) in members)
-    if len(front) > 1:
-        fx, fy = zip(*front, strict=True)
-        ax.step(fx, fy, where="post", color="0.55", linestyle="--", linewidth=1, zorder=0, label="Pareto frontier")
+    for index, (prefix, points) in enumerate(groups.items()):
+        front = pareto_front(points)
+        if len(front) > 1:
+            fx, fy = zip(*front, strict=True)
+            label = f"Pareto frontier ({prefix})" if prefix else "Pareto frontier"
+            dashes = FRONTIER_DASHES[index % len(FRONTIER_DASHES)]
+            ax.step(fx, fy, where="post", color="0.55", dashes=dashes, linewidth=1, zorder=0, label=label)
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (count, log scale)")
     ax.set_ylabel("test top-1 accuracy (%)")
