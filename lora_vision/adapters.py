@@ -26,6 +26,7 @@ from hydra.utils import instantiate
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from lora_vision.errors import MissingInputError, UserError
 from lora_vision.lora import LoRALayer, classifier_name
 from lora_vision.models import build_model
 from lora_vision.module import frozen_batchnorms
@@ -38,11 +39,11 @@ FORMAT = "lora_vision.adapter"
 FORMAT_VERSION = 1
 
 
-class AdapterMismatchError(ValueError):
+class AdapterMismatchError(UserError, ValueError):
     """An adapter does not fit the base model it is loaded onto; the message says what differs."""
 
 
-class AdapterFormatError(ValueError):
+class AdapterFormatError(UserError, ValueError):
     """A file is not an adapter this version of lora_vision can read."""
 
 
@@ -62,7 +63,7 @@ def _backbone_tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
     layers = _lora_layers(model)
     merged = [name for name, layer in layers.items() if layer.merged]
     if merged:
-        raise ValueError(
+        raise RuntimeError(
             f"cannot fingerprint a model with merged LoRA weights ({', '.join(merged[:3])}, ...): its base weights "
             "now include the updates; fingerprint the base before merging, or unmerge first"
         )
@@ -220,13 +221,13 @@ def adapter_directory(path: str | Path) -> Path:
     """The adapter directory of `path`: an adapter directory, one of its two files, or a run directory."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"adapter {path} does not exist")
+        raise MissingInputError(f"adapter {path} does not exist")
     if path.is_file() and path.name in (ADAPTER_TENSORS, ADAPTER_META):
         path = path.parent
     for candidate in (path, path / ADAPTER_DIR):
         if (candidate / ADAPTER_META).is_file() and (candidate / ADAPTER_TENSORS).is_file():
             return candidate
-    raise FileNotFoundError(
+    raise MissingInputError(
         f"{path} is not an adapter: expected a directory with {ADAPTER_TENSORS} and {ADAPTER_META} (or one of those "
         f"files), or a training run directory holding them in {ADAPTER_DIR}/"
     )
@@ -322,10 +323,10 @@ def load_adapter(path: str | Path, base_model: nn.Module) -> nn.Module:
 def check_base_source(meta: Mapping[str, Any], checkpoint: str | Path | None) -> None:
     """Refuse, with the fix, a given or recorded base checkpoint that is not here."""
     if checkpoint is not None and not Path(checkpoint).expanduser().is_file():
-        raise FileNotFoundError(f"base checkpoint {checkpoint} does not exist or is not a file")
+        raise MissingInputError(f"base checkpoint {checkpoint} does not exist or is not a file")
     recorded = meta["base_source"].get("checkpoint")
     if checkpoint is None and recorded is not None and not Path(recorded).is_file():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"the adapter's base weights were loaded from {recorded}, which does not exist here; pass the same "
             "weights file as the base checkpoint (--checkpoint PATH, or checkpoint=PATH in Python)"
         )

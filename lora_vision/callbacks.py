@@ -8,6 +8,8 @@ from typing import Any
 import lightning as L
 import torch
 
+from lora_vision.errors import UserError
+
 
 class TrainThroughput(L.Callback):
     """Training images per second over the whole fit, validation excluded, summed over all devices.
@@ -57,7 +59,7 @@ class TrainThroughput(L.Callback):
         self._stop()
 
 
-class DivergedError(RuntimeError):
+class DivergedError(UserError, RuntimeError):
     """The training loss became NaN or infinite: the learning rate (or the data) made the run diverge."""
 
     def __init__(self, step: int, epoch: int, loss: float) -> None:

@@ -1,19 +1,25 @@
 """Checks of the composed run config, so a bad value fails before any model is built or data is read.
 
-Hydra's struct mode already rejects unknown keys and unknown group options; these checks cover values. LoRA
+Hydra's struct mode already rejects unknown keys and unknown group options; these checks cover values, keys added
+with `+` that nothing reads, and accelerators the machine lacks. LoRA
 settings are checked by the method classes themselves (`lora_vision.methods`), data options by the datamodules.
 """
 
 from __future__ import annotations
 
+import difflib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
+import torch
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
+from lora_vision.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config value is invalid; the message names the key, the bad value and what is valid."""
 
 
@@ -92,3 +98,40 @@ def check_config(cfg: DictConfig) -> None:
         )
     if max_epochs == -1 and cfg.trainer.get("max_steps", -1) in (None, -1):
         raise ConfigError("trainer.max_epochs=-1 is invalid without trainer.max_steps: training would never end")
+
+
+# Where a key added with `+key=value` is read: Trainer arguments, timm model kwargs, extra callbacks and loggers
+# (each entry with a `_target_`), and Hydra's own settings. Everywhere else every key the framework reads is in the
+# config already, so an added one would be silently ignored (or fail deep inside a constructor).
+OPEN_PREFIXES = ("trainer.", "model.kwargs.", "callbacks.", "logger.", "hydra.")
+
+
+def check_appended_keys(overrides: Sequence[str], groups: Collection[str], cfg: DictConfig) -> None:
+    """Raise ConfigError for a `+key=value` override outside OPEN_PREFIXES, naming the closest existing keys.
+
+    `groups` are the config groups of the composition (Hydra's runtime choices): `+group=option` selects a config
+    and is not a key.
+    """
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        key = override.key_or_group
+        if not override.is_add() or key in groups or "/" in key or (key + ".").startswith(OPEN_PREFIXES):
+            continue
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        siblings = [name for name in node if name != leaf] if isinstance(node, DictConfig) else []
+        close = [f"{parent}.{name}" if parent else name for name in difflib.get_close_matches(leaf, siblings, n=3)]
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        raise ConfigError(
+            f"+{key}={override.value()!r} adds a key that lora_vision does not read; {hint}Existing keys take no +, "
+            f"and keys can be added only under {', '.join(OPEN_PREFIXES)}"
+        )
+
+
+def check_accelerator(cfg: DictConfig) -> None:
+    """Raise ConfigError when the config asks for a GPU this machine does not have, before any download."""
+    accelerator = cfg.trainer.get("accelerator", "auto")
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"trainer.accelerator={accelerator} but no CUDA GPU is available on this machine; train on the CPU with "
+            "trainer=cpu (or debug=limit for a quick check)"
+        )

@@ -25,29 +25,33 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
+from hydra.errors import OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 
 from lora_vision.adapters import ADAPTER_DIR, adapter_directory, load_adapted_model, read_adapter_meta
+from lora_vision.builders import build_datamodule
 from lora_vision.data import ImageDataModule
-from lora_vision.export import USER_ERRORS, load_merged, merged_directory, read_merged_meta
+from lora_vision.data.errors import DataOptionError
+from lora_vision.errors import UserError, user_errors_as_messages
+from lora_vision.export import load_merged, merged_directory, read_merged_meta
 from lora_vision.models import model_data_config
 from lora_vision.module import accuracy_metrics
 from lora_vision.results import PROJECT_ROOT, versions, write_json_atomic
-from lora_vision.train import build_datamodule
 
 CONF_DIR = PROJECT_ROOT / "conf"
 SPLITS = ("test", "val")
 _SPLIT_STAGES = {"test": "test", "val": "validate"}
-_OVERRIDE = re.compile(r"^data(?:\.(?P<key>[A-Za-z_][\w.]*))?=(?P<value>.*)$")
 EXPECTED_SOURCES = (
     "a training run directory (with .hydra/ and adapter/), an adapter directory or its adapter.safetensors / "
     "adapter.json, or a merged export directory or its model.safetensors / model.json"
 )
 
 
-class EvaluationError(ValueError):
+class EvaluationError(UserError, ValueError):
     """Bad evaluation input (source, split, data option or key, device); the message says what is valid."""
 
 
@@ -245,18 +249,26 @@ def data_options() -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / "data").glob("*.yaml"))
 
 
-def parse_overrides(overrides: Sequence[str]) -> tuple[str | None, dict[str, str]]:
-    """Split ``data=NAME`` / ``data.KEY=VALUE`` arguments into (option or None, {key: value}); check the option."""
+def parse_overrides(overrides: Sequence[str]) -> tuple[str | None, dict[str, Override]]:
+    """Split ``data=NAME`` / ``data.KEY=VALUE`` arguments into (option or None, {key: override}); check the option.
+
+    Parsed by Hydra's own override parser, so values are typed, quoted and listed exactly as on the training
+    command line.
+    """
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except OverrideParseException as err:
+        raise EvaluationError(f"{err}; expected data=NAME or data.KEY=VALUE") from None
     option: str | None = None
-    keys: dict[str, str] = {}
-    for override in overrides:
-        match = _OVERRIDE.match(override)
-        if match is None:
-            raise EvaluationError(f"argument {override!r} is not data=NAME or data.KEY=VALUE")
-        if match["key"] is None:
-            option = match["value"]
+    keys: dict[str, Override] = {}
+    for override in parsed:
+        key = override.key_or_group
+        if override.is_sweep_override() or override.is_delete() or not (key == "data" or key.startswith("data.")):
+            raise EvaluationError(f"argument {override.input_line!r} is not data=NAME or data.KEY=VALUE")
+        if key == "data":
+            option = str(override.value())
         else:
-            keys[match["key"]] = match["value"]
+            keys[key.removeprefix("data.")] = override
     if option is not None and option not in data_options():
         raise EvaluationError(f"data={option} is not a data option; options: {', '.join(data_options())}")
     return option, keys
@@ -300,13 +312,15 @@ def select_data(
                 f"(options: {', '.join(data_options())})"
             )
         _check_keys(keys, recorded, "the recorded data config")
-        cfg = OmegaConf.merge(recorded, OmegaConf.from_dotlist([f"{k}={v}" for k, v in keys.items()]))
+        cfg = recorded.copy()
+        for key, override in keys.items():
+            OmegaConf.update(cfg, key, override.value(), merge=True)
         name = data_name(cfg)
     else:
         _check_keys(keys, _compose_data(option, []), f"data={option}")
         defaults = {"image_size": image_size, "seed": recorded.get("seed") if recorded else None}
         implied = [f"data.{k}={v}" for k, v in defaults.items() if v is not None and k not in keys]
-        cfg = _compose_data(option, [*implied, *(f"data.{k}={v}" for k, v in keys.items())])
+        cfg = _compose_data(option, [*implied, *(override.input_line for override in keys.values())])
         name = option
     return name, OmegaConf.merge(cfg, {k: v for k, v in (options or {}).items() if v is not None})
 
@@ -324,7 +338,7 @@ def build_eval_datamodule(args: argparse.Namespace, loaded: Loaded) -> EvalData:
     )
     try:
         datamodule = build_datamodule(cfg)
-    except ValueError as err:  # the datamodule's own check of an option, naming the key and the valid values
+    except DataOptionError as err:  # the datamodule's own check of an option, naming the key and the valid values
         raise EvaluationError(f"data {name}: {err}") from None
     if datamodule.num_classes != loaded.num_classes:
         raise EvaluationError(
@@ -348,15 +362,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     add_eval_arguments(parser)
     parser.add_argument("--out", help="result JSON (default: <source dir>/eval/<data name>_<split>.json)")
     args = parser.parse_intermixed_args(argv)
-    try:
+    with user_errors_as_messages(parser.prog):
         device = resolve_device(args.device)
         source = locate_source(args.source)
         # Every data error (unknown option or key, no recorded data) surfaces before the model is built.
         select_data(args.overrides, source.data_cfg, source.image_size)
         loaded = load_source(source, args.checkpoint)
         data = build_eval_datamodule(args, loaded)
-    except (EvaluationError, *USER_ERRORS) as err:
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
     scores = evaluate_model(
         loaded.model,
         data.dataloader(),

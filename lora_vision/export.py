@@ -24,23 +24,16 @@ import timm
 import torch
 from torch import nn
 
-from lora_vision.adapters import AdapterFormatError, AdapterMismatchError, load_adapted_model, read_meta
+from lora_vision.adapters import load_adapted_model, read_meta
+from lora_vision.errors import MissingInputError, user_errors_as_messages
 from lora_vision.lora import merge_and_unload
-from lora_vision.models import ModelConfigError, PretrainedWeightsUnavailable, model_data_config
+from lora_vision.models import model_data_config
 from lora_vision.results import versions, write_atomic
 
 MODEL_TENSORS = "model.safetensors"
 MODEL_META = "model.json"
 FORMAT = "lora_vision.merged"
 FORMAT_VERSION = 1
-# What a CLI reports as a one-line message instead of a traceback: each names the problem and the fix.
-USER_ERRORS = (
-    FileNotFoundError,
-    AdapterFormatError,
-    AdapterMismatchError,
-    ModelConfigError,
-    PretrainedWeightsUnavailable,
-)
 
 
 def create_kwargs(
@@ -128,7 +121,7 @@ def merged_directory(path: str | Path) -> Path:
     directory = path.parent if path.is_file() and path.name in (MODEL_TENSORS, MODEL_META) else path
     if (directory / MODEL_META).is_file() and (directory / MODEL_TENSORS).is_file():
         return directory
-    raise FileNotFoundError(
+    raise MissingInputError(
         f"{path} is not a merged export: expected a directory with {MODEL_TENSORS} and {MODEL_META}"
     )
 
@@ -178,10 +171,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="directory to write model.safetensors and model.json into")
     parser.add_argument("--checkpoint", help="base weights file, when the recorded one is not available here")
     args = parser.parse_args(argv)
-    try:
+    with user_errors_as_messages(parser.prog):
         directory = export_adapter(args.source, args.out, args.checkpoint)
-    except USER_ERRORS as err:
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
     meta = json.loads((directory / MODEL_META).read_text())
     print(f"exported to {directory}\nload with:\n  import timm\n  model = {meta['load']}")
 

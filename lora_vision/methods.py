@@ -8,16 +8,14 @@ returns its parameter budget; `describe()` is what results files record; `config
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from lora_vision.lora import ParameterSummary, apply_lora, freeze_backbone, summarize
-from lora_vision.lora.errors import LoRAConfigError, check_hyperparameters, is_positive_number
-from lora_vision.lora.layers import INITS, variant_name
+from lora_vision.lora.config import RECORDED, SETTINGS, LoraConfig
+from lora_vision.lora.errors import LoRAConfigError
 
 
 def _plain(value: Any) -> Any:
@@ -29,102 +27,37 @@ def _target(obj: object) -> str:
     return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
-def _pattern(value: Any, key: str) -> dict[str, Any]:
-    value = _plain(value)
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise LoRAConfigError(f"lora.{key} must be a mapping of module-name pattern to value, got {value!r}")
-    return dict(value)
-
-
 class LoRA:
-    """Low-rank adapters on `targets` (see `lora_vision.lora.apply_lora` for every option).
+    """Low-rank adapters; `LoraConfig` holds, validates and documents every setting.
 
-    `loraplus_lr_ratio` (LoRA+, Hayou et al., 2024, arXiv:2402.12354) trains B with that multiple of the
-    learning rate; the paper recommends about 16.
+    The settings read as the method's own attributes (`method.rank`, `method.targets`, `method.variant`).
     """
 
     name = "lora"
 
-    def __init__(
-        self,
-        rank: int = 8,
-        alpha: float | None = None,
-        dropout: float = 0.0,
-        targets: str | Sequence[str] = ("qv",),
-        blocks: int | str | Sequence[int] | None = None,
-        train_head: bool = True,
-        rslora: bool = False,
-        dora: bool = False,
-        init: str = "lora",
-        rank_pattern: Mapping[str, int] | None = None,
-        alpha_pattern: Mapping[str, float] | None = None,
-        loraplus_lr_ratio: float | None = None,
-    ) -> None:
-        check_hyperparameters(rank, alpha, dropout)
-        targets = _plain(targets)
-        self.targets = [targets] if isinstance(targets, str) else list(targets)
-        if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
-            raise LoRAConfigError(f"lora.targets must be a non-empty list of strings, got {targets!r}")
-        if init not in INITS:
-            raise LoRAConfigError(f"lora.init={init!r} is not one of {', '.join(INITS)}")
-        for key, value in {"rslora": rslora, "dora": dora, "train_head": train_head}.items():
-            if not isinstance(value, bool):
-                raise LoRAConfigError(f"lora.{key} must be true or false, got {value!r}")
-        if loraplus_lr_ratio is not None and not is_positive_number(loraplus_lr_ratio):
-            raise LoRAConfigError(f"lora.loraplus_lr_ratio must be a number > 0 or null, got {loraplus_lr_ratio!r}")
-        self.rank, self.alpha, self.dropout = rank, alpha, dropout
-        self.blocks = _plain(blocks)
-        self.train_head = train_head
-        self.rslora, self.dora, self.init = rslora, dora, init
-        self.rank_pattern = _pattern(rank_pattern, "rank_pattern")
-        self.alpha_pattern = _pattern(alpha_pattern, "alpha_pattern")
-        self.loraplus_lr_ratio = None if loraplus_lr_ratio is None else float(loraplus_lr_ratio)
+    def __init__(self, **settings: Any) -> None:
+        self.settings = LoraConfig.from_settings({key: _plain(value) for key, value in settings.items()})
+
+    def __getattr__(self, name: str) -> Any:
+        if name in SETTINGS or name == "variant":
+            return getattr(self.__dict__["settings"], name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def apply(self, model: nn.Module) -> ParameterSummary:
-        return apply_lora(
-            model,
-            self.targets,
-            self.rank,
-            self.alpha,
-            self.dropout,
-            self.blocks,
-            self.train_head,
-            rslora=self.rslora,
-            dora=self.dora,
-            init=self.init,
-            rank_pattern=self.rank_pattern,
-            alpha_pattern=self.alpha_pattern,
-        )
-
-    @property
-    def variant(self) -> str:
-        return variant_name(self.dora, self.init, self.rslora, loraplus=self.loraplus_lr_ratio is not None)
+        return apply_lora(model, self.settings)
 
     def lr_ratios(self) -> dict[str, float]:
-        return {} if self.loraplus_lr_ratio is None else {"lora_B": self.loraplus_lr_ratio}
+        ratio = self.settings.loraplus_lr_ratio
+        return {} if ratio is None else {"lora_B": ratio}
 
     def config(self) -> dict[str, Any]:
-        settings = {key: getattr(self, key) for key in inspect.signature(LoRA).parameters}
-        return {"_target_": _target(self), **settings}
+        return {"_target_": _target(self), **self.settings.settings()}
 
     def describe(self) -> dict[str, Any]:
-        return {
-            "method": self.name,
-            "variant": self.variant,
-            "rank": self.rank,
-            "alpha": float(self.rank if self.alpha is None else self.alpha),
-            "dropout": self.dropout,
-            "targets": self.targets,
-            "blocks": self.blocks,
-            "rank_pattern": self.rank_pattern or None,
-            "alpha_pattern": self.alpha_pattern or None,
-            "loraplus_lr_ratio": self.loraplus_lr_ratio,
-        }
+        return {"method": self.name, **self.settings.describe()}
 
 
-LORA_SETTINGS = frozenset(inspect.signature(LoRA).parameters) - {"train_head"}
+LORA_SETTINGS = frozenset(SETTINGS) - {"train_head"}
 
 
 class _Baseline:
@@ -151,7 +84,7 @@ class _Baseline:
         return {"_target_": _target(self)}
 
     def describe(self) -> dict[str, Any]:
-        return {"method": self.name, **dict.fromkeys(("variant", "rank", "alpha", "dropout", "targets", "blocks"))}
+        return {"method": self.name, **dict.fromkeys(RECORDED)}
 
 
 class LinearProbe(_Baseline):

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import difflib
 import logging
-from collections.abc import Mapping
+import socket
+import urllib.parse
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +16,21 @@ import timm
 import torch
 from torch import nn
 
+from lora_vision.errors import UserError
+
 log = logging.getLogger(__name__)
 
+# Without network huggingface_hub retries each request five times with back-off, so timm's download fails only
+# after about a minute of retry warnings (57 s measured here for vit_tiny_patch16_224); one DNS lookup and TCP
+# connect with this timeout tell the same in seconds.
+HUB_PROBE_TIMEOUT_S = 3.0
 
-class ModelConfigError(ValueError):
+
+class ModelConfigError(UserError, ValueError):
     """A `model.*` setting is invalid; the message names the key, the bad value and what is valid."""
 
 
-class PretrainedWeightsUnavailable(RuntimeError):
+class PretrainedWeightsUnavailable(UserError, RuntimeError):
     """Pretrained weights could not be fetched (no network, unknown tag, ...); the message shows the fix."""
 
 
@@ -87,7 +97,8 @@ def build_model(
         create_kwargs["pretrained_cfg_overlay"] = _checkpoint_overlay(checkpoint)
         pretrained = True
     try:
-        model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **create_kwargs)
+        with _hub_cache_only_when_unreachable(name, pretrained and checkpoint is None):
+            model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **create_kwargs)
     except OSError as err:
         # Hub and URL downloads surface as OSError subclasses (LocalEntryNotFoundError, URLError, ...).
         if not pretrained or checkpoint is not None:
@@ -96,8 +107,7 @@ def build_model(
             f"could not download pretrained weights for {name!r} from {_weights_source(name)} "
             f"({type(err).__name__}: {err}). "
             f"Pass a local file instead: model.checkpoint=/path/to/weights.safetensors, or train from "
-            f"scratch with model.pretrained=false. On machines without network, set HF_HUB_OFFLINE=1 so "
-            f"the hub cache is used without retrying downloads."
+            f"scratch with model.pretrained=false."
         ) from err
     if checkpoint is not None:
         _check_checkpoint_fits(model, checkpoint)
@@ -108,6 +118,48 @@ def build_model(
     source = checkpoint if checkpoint is not None else ("timm pretrained" if pretrained else "random init")
     log.info("built %s (%s) with %d classes", name, source, num_classes)
     return model
+
+
+def _hub_reachable() -> bool:
+    endpoint = urllib.parse.urlsplit(huggingface_hub.constants.ENDPOINT)
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=HUB_PROBE_TIMEOUT_S).close()
+    except OSError:
+        return False
+    return True
+
+
+@contextmanager
+def _hub_cache_only_when_unreachable(name: str, from_hub: bool) -> Iterator[None]:
+    """Hub weights on a machine that cannot reach the hub: read the local cache only, without retries.
+
+    A cached file loads as with HF_HUB_OFFLINE=1; a missing one fails at once, and the caller's message says how
+    to pass a local file. Weights from URLs and local files are left alone.
+    """
+    cfg = timm.models.get_pretrained_cfg(name)
+    hub = from_hub and cfg is not None and bool(cfg.hf_hub_id) and not huggingface_hub.constants.HF_HUB_OFFLINE
+    if not hub or _hub_reachable():
+        yield
+        return
+    endpoint = huggingface_hub.constants.ENDPOINT
+    log.warning("%s is unreachable; %s's weights come from the local cache only", endpoint, name)
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        huggingface_hub.constants.HF_HUB_OFFLINE = False
+
+
+def route_hub_logs_to_root() -> None:
+    """Let huggingface_hub's log lines reach the root logger's handlers only.
+
+    The library gives its root logger a stream handler of its own and also propagates to the root logger, so under
+    Hydra's logging every hub warning printed twice (and only one copy reached the run's log file).
+    """
+    library = logging.getLogger("huggingface_hub")
+    for handler in [h for h in library.handlers if type(h) is logging.StreamHandler]:
+        library.removeHandler(handler)
 
 
 def _weights_source(name: str) -> str:

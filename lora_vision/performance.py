@@ -15,12 +15,14 @@ import torch
 from timm.layers import use_reentrant_ckpt
 from torch import nn
 
+from lora_vision.errors import UserError
+
 OPTIONS = ("compile", "channels_last", "grad_checkpointing")
 # What a perf.compile mapping may set: torch.compile's keyword arguments (the model is the positional one).
 COMPILE_OPTIONS = frozenset(inspect.signature(torch.compile).parameters) - {"model"}
 
 
-class PerformanceOptionError(ValueError):
+class PerformanceOptionError(UserError, ValueError):
     """A `perf.*` option cannot be applied to this model; the message names the option and the fix."""
 
 

@@ -16,6 +16,8 @@ import lightning
 import timm
 import torch
 
+from lora_vision.errors import OutputWriteError
+
 RESULTS_FILE = "results.json"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,9 +51,9 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
         os.replace(tmp, path)
     except OSError as err:
         Path(tmp).unlink(missing_ok=True)
-        # OSError(errno, ...) keeps the subclass (PermissionError, ...); the message adds which file and that the
+        # The message adds which file and that the
         # previous one survived, which a bare "No space left on device" from a temporary file does not say.
-        raise OSError(
+        raise OutputWriteError(
             err.errno, f"cannot write {path} ({err.strerror or err}); any previous version of it is unchanged"
         ) from err
     except BaseException:

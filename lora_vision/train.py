@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,6 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.loggers import Logger, WandbLogger
@@ -28,9 +28,12 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from lora_vision.adapters import ADAPTER_DIR, ADAPTER_TENSORS, save_adapter, weights_fingerprint
+from lora_vision.builders import build_datamodule, build_method, check_num_classes, instantiate_all
 from lora_vision.callbacks import DivergedError, FiniteLoss, TrainThroughput
-from lora_vision.config_checks import ConfigError, check_config
-from lora_vision.models import build_model, model_data_config
+from lora_vision.cli import canonical_overrides
+from lora_vision.config_checks import ConfigError, check_accelerator, check_appended_keys, check_config
+from lora_vision.errors import UserError, exit_with_message, full_traceback_requested
+from lora_vision.models import build_model, model_data_config, route_hub_logs_to_root
 from lora_vision.module import Classifier
 from lora_vision.performance import apply_performance_options
 from lora_vision.prefix_cache import PREFIX_CACHE_KEYS, SuffixClassifier, serve_run_prefix_cache
@@ -42,68 +45,6 @@ log = logging.getLogger(__name__)
 
 # What a shell reports for a process ended by SIGTERM (128 + 15).
 SIGTERM_EXIT_STATUS = 143
-
-# Keys of the `data` group that describe the model input rather than the datamodule; they reach the
-# datamodule through its `data_config`.
-INPUT_KEYS = ("image_size", "crop_pct")
-
-
-def instantiate_validated(cfg: DictConfig) -> Any:
-    """`instantiate(cfg)` for classes whose constructors validate their options.
-
-    Hydra wraps constructor errors in its own exception; the constructor's ValueError already names the key,
-    the bad value and the valid ones, so it is raised as is.
-    """
-    try:
-        return instantiate(cfg, _convert_="all")
-    except InstantiationException as err:
-        if isinstance(err.__cause__, ValueError):
-            raise err.__cause__ from None
-        raise
-
-
-def build_method(lora_cfg: DictConfig) -> Any:
-    """The fine-tuning method of the `lora` group (LoRA, LinearProbe or FullFineTune)."""
-    return instantiate_validated(lora_cfg)
-
-
-def build_datamodule(data_cfg: DictConfig) -> L.LightningDataModule:
-    """The datamodule of the `data` group, without its input-size keys (they go into `data_config` later)."""
-    options = {key: value for key, value in data_cfg.items() if key not in INPUT_KEYS}
-    return instantiate_validated(OmegaConf.create(options))
-
-
-def with_debug_overlay(cfg: DictConfig) -> DictConfig:
-    """`cfg` with the `debug` group's settings merged over everything else.
-
-    `+exp=NAME` is appended to the defaults list after `debug`, so a debug option composed at the top level would
-    lose to the experiment's own values (its max_epochs, say). Merging here makes debug settings win in any order.
-    Struct mode is lifted for the merge only: debug may add Trainer arguments the base config does not list
-    (fast_dev_run, overfit_batches).
-    """
-    overlay = cfg.get("debug")
-    if not overlay:
-        return cfg
-    OmegaConf.set_struct(cfg, False)
-    merged = OmegaConf.merge(cfg, overlay)
-    OmegaConf.set_struct(cfg, True)
-    OmegaConf.set_struct(merged, True)
-    return merged
-
-
-def instantiate_all(group: DictConfig | None) -> list[Any]:
-    """Instantiate every `_target_` entry of a logger or callback group (none when the group is null)."""
-    if not group:
-        return []
-    return [instantiate(entry, _convert_="all") for entry in group.values() if "_target_" in entry]
-
-
-def check_num_classes(model_classes: int, data_classes: int, model_name: str, data_target: str) -> None:
-    if model_classes != data_classes:
-        raise ConfigError(
-            f"model.num_classes={model_classes} does not match the {data_classes} classes of the data "
-            f"({data_target}); set model.num_classes=null to size the {model_name} head from the data"
-        )
 
 
 def error_text(err: BaseException) -> str:
@@ -255,8 +196,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Train and test one configuration; return the record written to `<run dir>/results.json`."""
     started = time.perf_counter()
     check_output_dir(cfg.paths.output_dir)
-    cfg = with_debug_overlay(cfg)
     check_config(cfg)
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        check_appended_keys(hydra_cfg.overrides.task, hydra_cfg.runtime.choices, cfg)
+    check_accelerator(cfg)
     L.seed_everything(cfg.seed, workers=True)
     method = build_method(cfg.lora)
     datamodule = build_datamodule(cfg.data)
@@ -369,23 +313,29 @@ def main(cfg: DictConfig) -> float | None:
     ends, skipping the sweep report and exiting non-zero, and the Optuna sweeper would abort its study. Instead the
     failure is logged with its traceback, its record says `failed`, and the job returns None, which the basic
     sweeper ignores and the Optuna sweeper tells the study as a failed trial. A single run still raises, so its
-    exit code is non-zero.
+    exit code is non-zero. A user error (`UserError`: a bad value, missing data or weights) is logged as its
+    message alone, without a traceback, and a single run exits with status 2 (`lora_vision.errors`).
 
     SIGTERM (SLURM pre-emption, `scancel`) is different: the run has saved a resume checkpoint, and the whole
     process must stop (exit status 143, as a process killed by SIGTERM) instead of starting the next job.
     """
+    route_hub_logs_to_root()
     try:
         return objective(run(cfg), cfg.objective.param_penalty)
     except SIGTERMException:
         log.warning("stopped by SIGTERM; a run resumes from its last.ckpt with resume=true (the default)")
         raise SystemExit(SIGTERM_EXIT_STATUS) from None
     except Exception as err:
+        user_error = isinstance(err, UserError) and not full_traceback_requested()
         if not in_multirun():
-            raise
-        log.exception("job failed, the sweep goes on: %s", error_text(err))
+            if not user_error:
+                raise
+            exit_with_message("python -m lora_vision.train", err)
+        (log.error if user_error else log.exception)("job failed, the sweep goes on: %s", error_text(err))
         record_setup_failure(cfg, err)
         return None
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = canonical_overrides(sys.argv[1:])
     main()

@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lora_vision.adapters import save_adapter, weights_fingerprint
+from lora_vision.cli import canonical_overrides
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -58,7 +59,8 @@ def composed(*overrides: str, output_dir: str | Path = "unused-output-dir") -> I
     dropped, as `@hydra.main` does; `paths.output_dir` points at `output_dir`.
     """
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=[*overrides, f"paths.output_dir={output_dir}"], return_hydra_config=True)
+        overrides = canonical_overrides([*overrides, f"paths.output_dir={output_dir}"])
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
         HydraConfig.instance().set_config(cfg)
         with_hydra = cfg.copy()
         OmegaConf.set_struct(cfg, False)

@@ -155,7 +155,7 @@ def test_fingerprint_refuses_a_merged_model() -> None:
     model = tiny_vit()
     LoRA(rank=4, targets=["qv"]).apply(model)
     merge_lora(model)
-    with pytest.raises(ValueError, match="merged"):
+    with pytest.raises(RuntimeError, match="merged"):
         weights_fingerprint(model)
 
 

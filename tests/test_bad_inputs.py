@@ -7,11 +7,16 @@ assert that nothing was written (no checkpoints, no logs), so the run stopped be
 from __future__ import annotations
 
 import errno
+import importlib
 import json
+import logging
 import os
+import pkgutil
 import re
 import shutil
+import sys
 import tarfile
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,11 +26,13 @@ import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from PIL import Image
 
+import lora_vision
 from lora_vision.config_checks import ConfigError
 from lora_vision.data import CIFAR10DataModule, DatasetFormatError, DatasetNotFoundError, ImageFolderDataModule
 from lora_vision.data.images import BadImageError
+from lora_vision.errors import UserError
 from lora_vision.lora import LoRAConfigError
-from lora_vision.models import ModelConfigError, PretrainedWeightsUnavailable
+from lora_vision.models import ModelConfigError, PretrainedWeightsUnavailable, build_model, route_hub_logs_to_root
 from lora_vision.preflight import OutputDirError, check_output_dir
 from lora_vision.results import write_json_atomic
 from lora_vision.train import run
@@ -277,3 +284,44 @@ def test_full_disk_while_writing_results_keeps_the_previous_file(
     assert err.value.errno == errno.ENOSPC
     assert json.loads(path.read_text()) == {"status": "running"}
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+# --- how user errors surface ----------------------------------------------------------------------------------------
+
+
+def test_every_error_type_of_the_package_is_a_user_error() -> None:
+    # Every exception lora_vision defines reports something the user asked for, so each must reach the one path
+    # that prints a message without a traceback (lora_vision.errors); a new error type that forgets the base fails.
+    defined = set()
+    for module in pkgutil.walk_packages(lora_vision.__path__, "lora_vision."):
+        for value in vars(importlib.import_module(module.name)).values():
+            ours = isinstance(value, type) and value.__module__.startswith("lora_vision")
+            if ours and issubclass(value, BaseException):
+                defined.add(value)
+    assert len(defined) >= 15
+    assert [error.__qualname__ for error in defined if not issubclass(error, UserError)] == []
+
+
+def test_unreachable_hub_fails_within_seconds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A closed local port stands in for a machine without network; the hub cache is empty.
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    started = time.perf_counter()
+    with pytest.raises(PretrainedWeightsUnavailable) as err:
+        build_model("vit_tiny_patch16_224", num_classes=3, kwargs={"img_size": 32})
+    assert time.perf_counter() - started < 10  # huggingface_hub's own retries took about a minute
+    assert_names(err, ["hf-hub:timm/vit_tiny_patch16_224", "model.checkpoint="])
+    assert huggingface_hub.constants.HF_HUB_OFFLINE is False  # offline only for that one download
+
+
+def test_hub_log_lines_print_once(capfd: pytest.CaptureFixture[str]) -> None:
+    root = logging.getLogger()
+    handler = logging.StreamHandler(sys.stderr)
+    root.addHandler(handler)  # as Hydra's console handler
+    try:
+        route_hub_logs_to_root()
+        huggingface_hub.utils.logging.get_logger("huggingface_hub.utils._http").warning("retrying in 1s")
+    finally:
+        root.removeHandler(handler)
+    assert capfd.readouterr().err.count("retrying in 1s") == 1

@@ -16,11 +16,13 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from lora_vision.builders import build_datamodule, build_method, instantiate_all
+from lora_vision.cli import canonical_overrides
 from lora_vision.config_checks import ConfigError, check_config
 from lora_vision.data import DatasetNotFoundError
 from lora_vision.lora import LoRAConfigError
+from lora_vision.lora.config import SETTINGS
 from lora_vision.models import build_model
-from lora_vision.train import build_datamodule, build_method, instantiate_all, with_debug_overlay
 from tests.helpers import CONF, composed
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "exp").glob("*.yaml"))
@@ -51,10 +53,9 @@ def test_every_group_option_composes(group: str, option: str) -> None:
 
 @pytest.mark.parametrize("option", group_options("debug"))
 @pytest.mark.parametrize("order", ["exp first", "debug first"])
-def test_debug_overlays_win_over_the_experiment(option: str, order: str) -> None:
+def test_debug_options_win_over_the_experiment(option: str, order: str) -> None:
     overrides = ["+exp=vit_r8", f"debug={option}"]
     with composed(*(overrides if order == "exp first" else overrides[::-1])) as cfg:
-        cfg = with_debug_overlay(cfg)
         assert cfg.data.num_workers == 0
         assert cfg.trainer.accelerator == "cpu"  # vit_r8 itself asks for a GPU
         if option == "limit":
@@ -73,6 +74,15 @@ def test_every_method_runs_with_every_experiment(exp: str, option: str) -> None:
         if option not in baselines:
             # Each variant option keeps the experiment's rank and targets and switches on just its own feature.
             assert method.rank == cfg.lora.rank and method.variant == option
+
+
+def test_the_lora_group_declares_exactly_the_lora_config_fields() -> None:
+    # LoraConfig is the one home of the settings; the Hydra group lists each (with its comment) and nothing else.
+    declared = OmegaConf.load(CONF / "lora" / "lora.yaml")
+    assert sorted(key for key in declared if key != "_target_") == sorted(SETTINGS)
+    for option in group_options("lora"):
+        own = OmegaConf.load(CONF / "lora" / f"{option}.yaml")
+        assert set(own) - {"_target_", "defaults"} <= set(SETTINGS), option
 
 
 @pytest.mark.parametrize("option", group_options("lora"))
@@ -217,7 +227,8 @@ SWEEP_EXPERIMENTS = {
 
 def sweep_config(exp: str, sweep: str) -> DictConfig:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("train", overrides=[f"+exp={exp}", f"+sweep={sweep}"], return_hydra_config=True)
+        overrides = canonical_overrides([f"+exp={exp}", f"+sweep={sweep}"])
+        return compose("train", overrides=overrides, return_hydra_config=True)
 
 
 def sweep_jobs(exp: str, sweep: str) -> list[list[str]]:
@@ -261,6 +272,33 @@ def test_every_job_of_a_named_sweep_composes_and_applies_to_its_model(sweep: str
         assert sorted(d["rank"] for d in described if d["method"] == "lora") == [1, 2, 4, 8, 16, 32]
 
 
+def run_config(cfg: DictConfig) -> dict:
+    """What a composed config makes a job do: everything but Hydra's node, plus the sweep it launches."""
+    plain = {key: cfg[key] for key in cfg if key != "hydra"}
+    return OmegaConf.to_container(OmegaConf.create({**plain, "sweeper": cfg.hydra.sweeper}))
+
+
+@pytest.mark.parametrize("exp", EXPERIMENTS)
+def test_experiment_sweep_and_debug_compose_the_same_in_any_order(exp: str) -> None:
+    # The experiment and each named sweep in both orders, and a debug option at either end. A job's key=value
+    # overrides win over every config in any order; a job that selects a config (a point of the study) is composed
+    # as launched (the sweeper's overrides first) in both orders too, with a rank no experiment sets.
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+
+        def config(*overrides: str) -> dict:
+            return run_config(compose("train", overrides=canonical_overrides(overrides), return_hydra_config=True))
+
+        for sweep in SWEEP_EXPERIMENTS:
+            job = ["sweep/study_points@_global_=lora_r2"] if sweep == "study" else []
+            first = config(*job, f"+exp={exp}", f"+sweep={sweep}")
+            assert config(*job, f"+sweep={sweep}", f"+exp={exp}") == first, sweep
+            if job:
+                assert first["lora"]["rank"] == 2
+        debug_last = config(f"+exp={exp}", "+sweep=study", "debug=limit")
+        assert config("debug=limit", "+sweep=study", f"+exp={exp}") == debug_last
+        assert debug_last["trainer"]["max_epochs"] == 2 and debug_last["trainer"]["accelerator"] == "cpu"
+
+
 def test_optuna_sweep_maximises_with_a_seeded_sampler() -> None:
     hydra_cfg = sweep_config("vit_r8", "optuna").hydra
     assert hydra_cfg.sweeper._target_.endswith("OptunaSweeper")
@@ -274,7 +312,7 @@ def test_optuna_sweep_maximises_with_a_seeded_sampler() -> None:
 
 def test_slurm_launcher_composes() -> None:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=["+exp=vit_r8", "hydra/launcher=slurm"], return_hydra_config=True)
+        cfg = compose("train", overrides=["exp=vit_r8", "hydra/launcher=slurm"], return_hydra_config=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert launcher.gpus_per_node == launcher.tasks_per_node == 1

@@ -13,6 +13,7 @@ from torch import nn
 from torchvision.transforms.v2.functional import to_pil_image
 
 from lora_vision.bench import data as bench_data
+from lora_vision.builders import build_datamodule
 from lora_vision.data import (
     CIFAR10_CLASSES,
     BatchTransform,
@@ -23,7 +24,6 @@ from lora_vision.data import (
 )
 from lora_vision.data.base import MAX_AUTO_WORKERS, resolve_num_workers
 from lora_vision.evaluate import evaluate_model
-from lora_vision.train import build_datamodule
 from tests.helpers import composed
 
 IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}

@@ -160,6 +160,7 @@ def test_cli_refuses_bad_data_arguments_before_loading(
     run_dir = str(smoke_run)
     assert "data=nosuch is not a data option; options: cifar10, cifar100," in cli_error(capsys, run_dir, "data=nosuch")
     assert "is not data=NAME or data.KEY=VALUE" in cli_error(capsys, run_dir, "model=resnet18")
+    assert "expected data=NAME or data.KEY=VALUE" in cli_error(capsys, run_dir, "data.batch_size=[1,")
     error = cli_error(capsys, run_dir, "data.nosuch=1")
     assert "data.nosuch is not a key of the recorded data config; keys: " in error and "num_samples" in error
     assert "is not a key of data=cifar10" in cli_error(capsys, run_dir, "data=cifar10", "data.nosuch=1")

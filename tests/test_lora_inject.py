@@ -254,7 +254,7 @@ def test_qkv_selectors_merge_across_targets() -> None:
         ),
         (dict(targets="conv3x3"), "presets that fit this model: qv, qkv, qkv_fused, attn, mlp, all_linear"),
         (dict(targets=["qv", "nope"]), "'nope' matches no adaptable module"),
-        (dict(targets=[]), "targets is empty"),
+        (dict(targets=[]), r"lora.targets must be a non-empty list of strings, got \[\]"),
         (dict(targets="re:blocks.(", rank=2), "not a valid regular expression"),
         (dict(targets="*mlp.fc1:q"), "q/k/v selectors need a fused qkv Linear.*blocks.0.mlp.fc1"),
         (dict(targets=["qv", "*attn.qkv"]), "targeted both whole and as q/k/v slices"),
@@ -301,10 +301,16 @@ def test_methods_prepare_models_and_describe_themselves() -> None:
         "targets": ["qv"],
         "blocks": None,
         "variant": "lora",
+        "rslora": False,
+        "dora": False,
+        "init": "lora",
         "rank_pattern": None,
         "alpha_pattern": None,
         "loraplus_lr_ratio": None,
     }
+    assert LinearProbe().describe() == {"method": "linear_probe", **dict.fromkeys(set(lora.describe()) - {"method"})}
+    with pytest.raises(LoRAConfigError, match=r"unknown LoRA settings \['rnak'\]; valid: \['rank', "):
+        LoRA(rnak=4)
     assert lora.apply(tiny_vit()).adapter_params == 4 * 2 * 4 * (64 + 64)
     probe = LinearProbe().apply(tiny_vit())
     assert probe.trainable == 64 * 10 + 10 and probe.adapter_params == 0

@@ -99,15 +99,19 @@ def test_report_files_mark_failures_and_are_deterministic(tmp_path: Path) -> Non
 
 
 def test_cli_reports_missing_inputs_clearly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main([str(tmp_path / "nope")]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    def error(path: Path) -> str:
+        with pytest.raises(SystemExit) as exit_:
+            main([str(path)])
+        assert exit_.value.code == 2
+        return capsys.readouterr().err
+
+    assert "python -m lora_vision.report: error: " in error(tmp_path / "nope")
+    assert "does not exist" in error(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    assert main([str(tmp_path / "empty")]) == 2
-    assert "no results.json" in capsys.readouterr().err
+    assert "no results.json" in error(tmp_path / "empty")
     write_runs(tmp_path / "runs", RECORDS[:1])
     (tmp_path / "runs" / "0" / "results.json").write_text('{"status": "compl')
-    assert main([str(tmp_path / "runs")]) == 2
-    assert "not valid JSON" in capsys.readouterr().err
+    assert "not valid JSON" in error(tmp_path / "runs")
 
 
 def test_gap_closed_is_each_rows_share_of_the_probe_to_full_gap() -> None:

@@ -70,15 +70,16 @@ def test_a_failed_job_is_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None:
     assert failed["status"] == "failed" and failed["rank"] == 999
     assert "LoRAConfigError" in failed["error"] and "999" in failed["error"]
     assert "lora.rank=999" in failed["overrides"]
-    assert "Traceback" in (sweep_dir / "0" / "train.log").read_text()
+    log = (sweep_dir / "0" / "train.log").read_text()
+    assert "job failed, the sweep goes on: LoRAConfigError" in log and "Traceback" not in log  # a user error
     report = (sweep_dir / "report.md").read_text()
     assert len(table_rows(sweep_dir / "report.md")) == 2 and "1 (1 failed)" in report and "Failed runs:" in report
 
 
 def test_a_failed_single_run_still_exits_non_zero(tmp_path: Path) -> None:
     done = launch(tmp_path, *FAST, "lora.rank=999", f"hydra.run.dir={tmp_path / 'run'}")
-    assert done.returncode != 0
-    assert "999" in done.stderr
+    assert done.returncode == 2
+    assert "python -m lora_vision.train: error: " in done.stderr and "999" in done.stderr
 
 
 def test_the_report_goes_to_wandb_when_a_wandb_logger_is_configured(

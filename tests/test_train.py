@@ -9,8 +9,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
 
-from lora_vision.config_checks import ConfigError
+from lora_vision.config_checks import ConfigError, check_appended_keys
+from lora_vision.data import DataOptionError
+from lora_vision.errors import UserError
+from lora_vision.lora import LoRAConfigError
+from lora_vision.models import ModelConfigError
+from lora_vision.performance import PerformanceOptionError
 from lora_vision.train import run
 from tests.helpers import composed
 
@@ -25,8 +33,8 @@ RECORD_KEYS = {
 RUN_SPECIFIC = {"wall_time_s", "train_images_per_s", "output_dir", "best_checkpoint", "adapter_dir", "git_dirty"}
 
 
-def train(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+def train(run_dir: Path, *overrides: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "lora_vision.train", *overrides, f"hydra.run.dir={run_dir}"],
         cwd=run_dir.parent,
@@ -99,23 +107,56 @@ def test_unknown_key_fails_before_training(tmp_path: Path) -> None:
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_a_debug_run_records_the_settings_it_ran_with(tmp_path: Path) -> None:
+    done = train(tmp_path / "run", "debug=limit", "+exp=smoke")
+    assert done.returncode == 0, done.stderr[-3000:]
+    recorded = OmegaConf.load(tmp_path / "run" / ".hydra" / "config.yaml")
+    assert recorded.trainer.limit_train_batches == 5 and recorded.data.num_workers == 0
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["steps"] == 10  # 2 epochs of 5 batches
+
+
+def test_a_user_error_is_one_message_without_a_traceback(tmp_path: Path) -> None:
+    done = train(tmp_path / "run", "+exp=smoke", "lora.rank=0")
+    assert done.returncode == 2
+    assert "python -m lora_vision.train: error: lora.rank must be an integer >= 1, got 0" in done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+    full = train(tmp_path / "full", "+exp=smoke", "lora.rank=0", env={"HYDRA_FULL_ERROR": "1"})
+    assert full.returncode != 0 and "Traceback" in full.stderr and "LoRAConfigError" in full.stderr
+
+
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU, so trainer=gpu is valid")
+
+
 @pytest.mark.parametrize(
     ("override", "error", "message"),
     [
         ("optim.lr=0", ConfigError, "optim.lr=0 is invalid: expected a number > 0"),
-        ("lora.dropout=1.5", ValueError, "dropout must be in [0, 1)"),
-        ("lora.targets=[nothing_matches_this]", ValueError, "nothing_matches_this"),
+        ("lora.dropout=1.5", LoRAConfigError, "dropout must be in [0, 1)"),
+        ("lora.targets=[nothing_matches_this]", LoRAConfigError, "nothing_matches_this"),
         ("model.num_classes=7", ConfigError, "model.num_classes=7 does not match the 4 classes"),
-        ("model.name=vit_tiny_patch16_22", ValueError, "vit_tiny_patch16_224"),
-        ("model.checkpoint=missing.safetensors", ValueError, "model.checkpoint='missing.safetensors' does not exist"),
-        ("perf.compile=fast", ValueError, "perf.compile='fast' is invalid"),
+        ("model.name=vit_tiny_patch16_22", ModelConfigError, "vit_tiny_patch16_224"),
+        ("model.checkpoint=missing.safetensors", ModelConfigError, "model.checkpoint='missing.safetensors' does not"),
+        ("perf.compile=fast", PerformanceOptionError, "perf.compile='fast' is invalid"),
+        ("data.val_fraction=2", DataOptionError, "val_fraction must be a number in [0, 1), got 2"),
+        ("+lora.rnak=4", ConfigError, "+lora.rnak=4 adds a key that lora_vision does not read; did you mean lora.rank"),
+        ("+nonexistent_key=3", ConfigError, "+nonexistent_key=3 adds a key"),
+        pytest.param("trainer=gpu", ConfigError, "no CUDA GPU is available on this machine; train on the CPU with "
+                     "trainer=cpu", marks=NO_GPU),
     ],
-)
+)  # fmt: skip
 def test_invalid_values_fail_before_training(override: str, error: type, message: str, tmp_path: Path) -> None:
     with composed("+exp=smoke", override, output_dir=tmp_path) as cfg, pytest.raises(error) as err:
         run(cfg)
+    assert isinstance(err.value, UserError)  # reported as a message, without a traceback
     assert message in str(err.value)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("override", ["+trainer.strategy=auto", "+model.kwargs.qkv_bias=true", "++lora.rank=4"])
+def test_pass_through_keys_may_be_added(override: str) -> None:
+    with composed("+exp=smoke", override) as cfg:
+        hydra_cfg = HydraConfig.get()
+        check_appended_keys(hydra_cfg.overrides.task, hydra_cfg.runtime.choices, cfg)
 
 
 def test_wandb_logs_offline_with_the_budget_and_accuracies_in_the_summary(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ from lora_vision.analyze import (
     write_truncation,
 )
 from lora_vision.analyze.table import threshold_label
+from lora_vision.errors import user_errors_as_messages
 from lora_vision.evaluate import (
     EvaluationError,
     Loaded,
@@ -40,7 +41,6 @@ from lora_vision.evaluate import (
     resolve_device,
     select_data,
 )
-from lora_vision.export import USER_ERRORS
 
 # "Within half a point of the full adapters" decides which rank was needed.
 TOLERANCE = 0.005
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     """Run the analysis; returns the files written."""
     parser = build_parser()
     args = parser.parse_intermixed_args(argv)
-    try:
+    with user_errors_as_messages(parser.prog):
         source = locate_source(args.source)
         if source.kind == "merged":
             raise EvaluationError(f"{source.path} is a merged export, which has no adapters left to analyse")
@@ -147,8 +147,6 @@ def main(argv: list[str] | None = None) -> list[Path]:
             truncation = _truncation(args, loaded, spectra)
             written += write_truncation(truncation, out, title)
             print(_truncation_summary(truncation))
-    except (EvaluationError, *USER_ERRORS) as err:
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
     print("wrote " + ", ".join(map(str, written)))
     return written
 

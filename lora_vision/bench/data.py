@@ -46,12 +46,12 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
+from lora_vision.builders import build_datamodule, build_method
 from lora_vision.data import CIFARDataModule, ImageDataModule, ImageNetSubsetDataModule
 from lora_vision.data.base import resolve_num_workers
 from lora_vision.models import build_model, model_data_config
 from lora_vision.module import Classifier
 from lora_vision.results import PROJECT_ROOT, write_atomic
-from lora_vision.train import build_datamodule, build_method
 
 EXPERIMENTS = ("vit_r8", "cifar10_effnet", "imagewoof_effnet")
 PIPELINES = ("pil", "batched")

@@ -61,7 +61,13 @@ def prepare_side(model: nn.Module, config: BenchConfig, side: str, settings: Set
         FullFineTune().apply(model)
     elif side in (OURS, COMPOSED):
         apply_lora(
-            model, config.targets, settings.rank, settings.alpha, settings.dropout, config.blocks, train_head=False
+            model,
+            config.targets,
+            rank=settings.rank,
+            alpha=settings.alpha,
+            dropout=settings.dropout,
+            blocks=config.blocks,
+            train_head=False,
         )
         if side == COMPOSED:
             use_composed_ops(model)

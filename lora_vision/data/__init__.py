@@ -17,7 +17,7 @@ from lora_vision.data.cifar import (
     CIFAR100DataModule,
     CIFARDataModule,
 )
-from lora_vision.data.errors import DatasetFormatError, DatasetNotFoundError
+from lora_vision.data.errors import DataOptionError, DatasetFormatError, DatasetNotFoundError
 from lora_vision.data.image_folder import FolderDataModule, ImageFolderDataModule
 from lora_vision.data.imagenet import ImageNetSubsetDataModule
 from lora_vision.data.imagenet_subsets import (
@@ -44,6 +44,7 @@ __all__ = [
     "CIFAR10DataModule",
     "CIFAR100DataModule",
     "CIFARDataModule",
+    "DataOptionError",
     "DatasetFormatError",
     "DatasetNotFoundError",
     "FolderDataModule",

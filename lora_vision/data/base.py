@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import DatasetFolder
 
 from lora_vision.data.batched import BatchTransform
+from lora_vision.data.errors import DataOptionError
 from lora_vision.data.images import drop_unreadable
 from lora_vision.data.resumable import ResumableDataLoader
 from lora_vision.data.splits import TransformedSubset, balanced_subset, stratified_split
@@ -107,17 +108,17 @@ class ImageDataModule(LightningDataModule, ABC):
             if size is not None:
                 check_int(name, size, minimum=1)
         if isinstance(val_fraction, bool) or not isinstance(val_fraction, int | float) or not 0 <= val_fraction < 1:
-            raise ValueError(f"val_fraction must be a number in [0, 1), got {val_fraction!r}")
+            raise DataOptionError(f"val_fraction must be a number in [0, 1), got {val_fraction!r}")
         if not isinstance(train_augment, bool | Mapping):
-            raise ValueError(
+            raise DataOptionError(
                 f"train_augment must be a bool or a mapping of timm transform options, got {train_augment!r}"
             )
         if not isinstance(resize_on_device, bool):
-            raise ValueError(f"resize_on_device must be true or false, got {resize_on_device!r}")
+            raise DataOptionError(f"resize_on_device must be true or false, got {resize_on_device!r}")
         if not isinstance(skip_bad_images, bool):
-            raise ValueError(f"skip_bad_images must be true or false, got {skip_bad_images!r}")
+            raise DataOptionError(f"skip_bad_images must be true or false, got {skip_bad_images!r}")
         if resize_on_device and self.source_size is None:
-            raise ValueError(
+            raise DataOptionError(
                 f"resize_on_device=true needs images of one fixed size (the CIFAR datamodules: 32x32), but "
                 f"{type(self).__name__} has none; set resize_on_device=false (Hydra: data.resize_on_device=false)"
             )
@@ -216,7 +217,7 @@ class ImageDataModule(LightningDataModule, ABC):
     def setup(self, stage: str | None = None) -> None:
         """Build the splits ``stage`` needs (all for None); splits already built are kept."""
         if stage is not None and stage not in _STAGE_SPLITS:
-            raise ValueError(f"stage must be one of {sorted(_STAGE_SPLITS)} or None, got {stage!r}")
+            raise DataOptionError(f"stage must be one of {sorted(_STAGE_SPLITS)} or None, got {stage!r}")
         needed = ("train", "val", "test") if stage is None else _STAGE_SPLITS[stage]
         if any(split not in self._splits for split in needed if split != "test"):
             self._setup_fit_splits()
@@ -242,7 +243,7 @@ class ImageDataModule(LightningDataModule, ABC):
     def dataset(self, split: str) -> TransformedSubset:
         """The transformed dataset of ``split`` ('train', 'val' or 'test'), set up on first use."""
         if split not in ("train", "val", "test"):
-            raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+            raise DataOptionError(f"split must be 'train', 'val' or 'test', got {split!r}")
         if split not in self._splits:
             self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
         return self._splits[split]
@@ -295,11 +296,11 @@ def resolve_num_workers(value: int | str) -> int:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         return min(MAX_AUTO_WORKERS, cores - 1)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"num_workers must be an integer >= 0 or 'auto', got {value!r}")
+        raise DataOptionError(f"num_workers must be an integer >= 0 or 'auto', got {value!r}")
     return value
 
 
 def check_int(name: str, value: object, *, minimum: int) -> None:
     """Raise ValueError naming ``name`` unless ``value`` is an int (not a bool) >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        raise DataOptionError(f"{name} must be an integer >= {minimum}, got {value!r}")

@@ -25,6 +25,7 @@ from timm.data.random_erasing import RandomErasing
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from lora_vision.data.errors import DataOptionError
 from lora_vision.data.transforms import AugmentConfig, factory_default, normalize_data_config
 
 _INTERPOLATIONS = {
@@ -76,7 +77,7 @@ class BatchTransform:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8 or images.ndim != 4:
-            raise ValueError(
+            raise DataOptionError(
                 f"the resize_on_device batch step takes uint8 (N, C, H, W) images, got {images.dtype} of shape "
                 f"{tuple(images.shape)} (was it applied twice?)"
             )
@@ -91,7 +92,7 @@ class BatchTransform:
 
 def _interpolation(name: str) -> InterpolationMode:
     if name not in _INTERPOLATIONS:
-        raise ValueError(
+        raise DataOptionError(
             f"resize_on_device=true resizes tensors, which supports interpolation {sorted(_INTERPOLATIONS)}; the data "
             f"config asks for {name!r}: set resize_on_device=false"
         )
@@ -111,7 +112,7 @@ def _eval_resize(source: tuple[int, int], target: tuple[int, int], config: Mappi
             short, long = sorted(source)
             longer = int(scale[0] * long / short)
             return (scale[0], longer) if source[0] <= source[1] else (longer, scale[0])
-    raise ValueError(
+    raise DataOptionError(
         f"resize_on_device=true mirrors timm's evaluation crop for crop_mode 'center' (square input_size) or "
         f"'squash'; the data config has crop_mode={config.get('crop_mode')!r}, input_size {target}, "
         f"crop_border_pixels={config.get('crop_border_pixels')!r}: set resize_on_device=false"

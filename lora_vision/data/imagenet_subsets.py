@@ -12,6 +12,8 @@ from functools import cache
 
 from timm.data import ImageNetInfo
 
+from lora_vision.data.errors import DataOptionError
+
 IMAGENETTE: tuple[str, ...] = (
     "n01440764",  # tench
     "n02102040",  # English springer
@@ -171,7 +173,7 @@ def imagenet_index(wnid: str) -> int:
     try:
         return _wnid_to_index()[wnid]
     except KeyError:
-        raise ValueError(f"{wnid!r} is not an ImageNet-1k wnid (expected e.g. 'n01440764')") from None
+        raise DataOptionError(f"{wnid!r} is not an ImageNet-1k wnid (expected e.g. 'n01440764')") from None
 
 
 def imagenet_class_name(wnid: str) -> str:
@@ -182,18 +184,18 @@ def imagenet_class_name(wnid: str) -> str:
 def resolve_classes(preset: str | None, classes: Sequence[str] | None) -> tuple[str, ...]:
     """The wnid list from exactly one of a preset name or an explicit list (kept in the given order)."""
     if (preset is None) == (classes is None):
-        raise ValueError(
+        raise DataOptionError(
             f"give exactly one of preset ({sorted(PRESETS)}) or classes (a list of wnids); "
             f"got preset={preset!r}, classes={classes!r}"
         )
     if preset is not None:
         if preset not in PRESETS:
-            raise ValueError(f"unknown ImageNet subset preset {preset!r}; valid presets: {sorted(PRESETS)}")
+            raise DataOptionError(f"unknown ImageNet subset preset {preset!r}; valid presets: {sorted(PRESETS)}")
         return PRESETS[preset]
     wnids = tuple(classes)
     duplicates = sorted({w for w in wnids if wnids.count(w) > 1})
     if not wnids or duplicates:
-        raise ValueError(f"classes must be a non-empty list of distinct wnids; duplicated: {duplicates}")
+        raise DataOptionError(f"classes must be a non-empty list of distinct wnids; duplicated: {duplicates}")
     for wnid in wnids:
         imagenet_index(wnid)
     return wnids

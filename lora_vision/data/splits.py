@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from lora_vision.data.errors import DataOptionError
+
 
 class TransformedSubset(Dataset):
     """``dataset`` restricted to ``indices`` (all items when None), with ``transform`` applied to each image.
@@ -41,7 +43,7 @@ def stratified_split(targets: Sequence[int], fraction: float, seed: int) -> tupl
     Both lists are sorted.
     """
     if not 0.0 < fraction < 1.0:
-        raise ValueError(f"a held-out fraction must be in (0, 1), got {fraction!r}")
+        raise DataOptionError(f"a held-out fraction must be in (0, 1), got {fraction!r}")
     generator = torch.Generator().manual_seed(seed)
     rest: list[int] = []
     held_out: list[int] = []
@@ -51,7 +53,7 @@ def stratified_split(targets: Sequence[int], fraction: float, seed: int) -> tupl
         held_out += shuffled[:n_held]
         rest += shuffled[n_held:]
     if not held_out or not rest:
-        raise ValueError(
+        raise DataOptionError(
             f"val_fraction={fraction} of {len(targets)} training images leaves an empty "
             f"{'validation' if not held_out else 'training'} split; choose a value in (0, 1) that does not"
         )
@@ -69,7 +71,7 @@ def balanced_subset(
     candidates = range(len(targets)) if among is None else among
     by_class = _by_class(targets, candidates)
     if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= len(candidates):
-        raise ValueError(f"{name} must be an integer in [1, {len(candidates)}] (images available), got {size!r}")
+        raise DataOptionError(f"{name} must be an integer in [1, {len(candidates)}] (images available), got {size!r}")
     generator = torch.Generator().manual_seed(seed)
     per_class, remainder = divmod(size, len(by_class))
     lucky = set(torch.randperm(len(by_class), generator=generator)[:remainder].tolist())
@@ -78,7 +80,7 @@ def balanced_subset(
         quota = per_class + (rank in lucky)
         if quota > len(members):
             largest = len(by_class) * min(map(len, by_class.values()))
-            raise ValueError(
+            raise DataOptionError(
                 f"{name}={size} needs {quota} images of class {label} but only {len(members)} are "
                 f"available; every class fits up to {name}={largest}"
             )

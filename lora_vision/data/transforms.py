@@ -10,6 +10,8 @@ from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_
 from timm.data.transforms import MaybePILToTensor
 from torchvision.transforms.v2.functional import get_size
 
+from lora_vision.data.errors import DataOptionError
+
 # What timm.data.resolve_model_data_config returns for a model without a pretrained config.
 DEFAULT_DATA_CONFIG: dict[str, Any] = {
     "input_size": (3, 224, 224),
@@ -37,7 +39,7 @@ def normalize_data_config(data_config: Mapping[str, Any]) -> dict[str, Any]:
     if input_size is not None and (
         not isinstance(input_size, tuple) or len(input_size) != 3 or not all(isinstance(n, int) for n in input_size)
     ):
-        raise ValueError(f"data_config['input_size'] must be (channels, height, width), got {input_size!r}")
+        raise DataOptionError(f"data_config['input_size'] must be (channels, height, width), got {input_size!r}")
     return config
 
 
@@ -64,7 +66,7 @@ def build_transform(
     tensors, is then left to the batch step too.
     """
     if not isinstance(augment, bool | Mapping):
-        raise ValueError(f"train_augment must be a bool or a mapping of timm transform options, got {augment!r}")
+        raise DataOptionError(f"train_augment must be a bool or a mapping of timm transform options, got {augment!r}")
     config = normalize_data_config(data_config)
     if is_training and augment is False:
         # timm's own no_aug training path ignores crop_pct; an unaugmented baseline should see exactly
@@ -102,7 +104,7 @@ class SourceSizeCheck:
         size = tuple(get_size(image))
         if size != self.source_size:
             height, width = self.source_size
-            raise ValueError(
+            raise DataOptionError(
                 f"resize_on_device=true needs every image at {height}x{width} px (height x width), got one of "
                 f"{size[0]}x{size[1]}; set the datamodule option resize_on_device=false (Hydra: "
                 "data.resize_on_device=false) for data of other or varying sizes"
@@ -116,7 +118,7 @@ class SourceSizeCheck:
 def _plain(options: Mapping[str, Any], what: str) -> dict[str, Any]:
     unknown = sorted(set(options) - _FACTORY_ARGS)
     if unknown:
-        raise ValueError(
+        raise DataOptionError(
             f"{what} has keys {unknown} that timm.data.create_transform does not accept; "
             f"valid keys: {sorted(_FACTORY_ARGS)}"
         )

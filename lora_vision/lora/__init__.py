@@ -1,5 +1,6 @@
 """LoRA for timm vision models: layers, target resolution, injection, merging and parameter budgets."""
 
+from lora_vision.lora.config import LoraConfig
 from lora_vision.lora.errors import LoRAConfigError
 from lora_vision.lora.inject import (
     apply_lora,
@@ -20,6 +21,7 @@ __all__ = [
     "LoRAConv2d",
     "LoRALayer",
     "LoRALinear",
+    "LoraConfig",
     "ParameterSummary",
     "apply_lora",
     "classifier_name",

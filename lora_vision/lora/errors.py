@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from lora_vision.errors import UserError
 
-class LoRAConfigError(ValueError):
+
+class LoRAConfigError(UserError, ValueError):
     """A LoRA setting is invalid. Raised before any module is modified."""
 
 

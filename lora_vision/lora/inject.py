@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from torch import nn
 
+from lora_vision.lora.config import LoraConfig
 from lora_vision.lora.errors import LoRAConfigError, check_hyperparameters
 from lora_vision.lora.layers import QKV_SLOTS, LoRAConv2d, LoRALayer, LoRALinear
 from lora_vision.lora.summary import ParameterSummary, summarize
@@ -41,43 +43,25 @@ def freeze_backbone(model: nn.Module, train_head: bool = True) -> None:
         model.get_submodule(head).requires_grad_(True)
 
 
-def apply_lora(
-    model: nn.Module,
-    targets: str | Iterable[str],
-    rank: int = 8,
-    alpha: float | None = None,
-    dropout: float = 0.0,
-    blocks: int | str | Sequence[int] | None = None,
-    train_head: bool = True,
-    *,
-    rslora: bool = False,
-    dora: bool = False,
-    init: str = "lora",
-    rank_pattern: Mapping[str, int] | None = None,
-    alpha_pattern: Mapping[str, float] | None = None,
-) -> ParameterSummary:
+def apply_lora(model: nn.Module, targets: str | Sequence[str] | LoraConfig, **settings: Any) -> ParameterSummary:
     """Add LoRA adapters to `model` in place and freeze everything but the adapters and the head.
 
-    Args:
-        targets: preset names and/or module-name patterns (see `lora_vision.lora.targets`).
-        rank: adapter rank r (>= 1, at most what each targeted layer allows).
-        alpha: the update is scaled by alpha / r; None means alpha = r (scale 1).
-        dropout: dropout probability on the adapter's input, in [0, 1).
-        blocks: restrict targets to blocks/stages, e.g. ``"-4:"`` (last four) or ``[3, 4]``.
-        train_head: also train the classifier head (unless it is itself adapted).
-        rslora: scale by alpha / sqrt(r) instead of alpha / r.
-        dora: weight-decomposed LoRA (a trained magnitude per output channel).
-        init: "lora" (A Kaiming-uniform, B zero) or "pissa" (A, B from the top-r singular triplets of W0).
-        rank_pattern, alpha_pattern: per-layer rank / alpha, keyed by module-name pattern (glob or ``re:``, as
-            for targets); later keys win where several match; each must match a targeted module.
-
-    Every setting is validated before the model is modified; errors are `LoRAConfigError`.
+    Either `apply_lora(model, "qv", rank=8, alpha=8)` (targets and any other `LoraConfig` fields, which documents
+    each) or `apply_lora(model, config)` with a `LoraConfig`. `loraplus_lr_ratio` is for the optimizer
+    (`lora_vision.methods.LoRA.lr_ratios`) and changes nothing here. Every setting is validated before the model is
+    modified; errors are `LoRAConfigError`.
     """
-    check_hyperparameters(rank, alpha, dropout)
-    resolved = resolve_targets(model, targets, blocks)
+    if isinstance(targets, LoraConfig):
+        if settings:
+            raise LoRAConfigError(f"pass a LoraConfig or settings, not both (got {sorted(settings)} too)")
+        config = targets
+    else:
+        config = LoraConfig.from_settings({"targets": targets, **settings})
+    rank, alpha, dropout = config.rank, config.alpha, config.dropout
+    resolved = resolve_targets(model, config.targets, config.blocks)
     names = [t.name for t in resolved]
-    ranks = resolve_patterns(rank_pattern, names, "rank_pattern")
-    alphas = resolve_patterns(alpha_pattern, names, "alpha_pattern")
+    ranks = resolve_patterns(config.rank_pattern, names, "rank_pattern")
+    alphas = resolve_patterns(config.alpha_pattern, names, "alpha_pattern")
     for name in names:
         try:
             check_hyperparameters(ranks.get(name, rank), alphas.get(name, alpha), dropout)
@@ -90,7 +74,7 @@ def apply_lora(
     ]
     if too_small:
         raise LoRAConfigError(f"lora rank too large for these layers: {', '.join(too_small)}")
-    variants = {"rslora": rslora, "dora": dora, "init": init}
+    variants = {"rslora": config.rslora, "dora": config.dora, "init": config.init}
     for target in resolved:
         layer = _build(target, ranks.get(target.name, rank), alphas.get(target.name, alpha), dropout, variants)
         if layer.adapter_parameters > layer.base_parameters:
@@ -101,7 +85,7 @@ def apply_lora(
                 stacklevel=2,
             )
         model.set_submodule(target.name, layer)
-    freeze_backbone(model, train_head)
+    freeze_backbone(model, config.train_head)
     return summarize(model)
 
 

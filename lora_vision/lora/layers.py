@@ -36,17 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lora_vision.lora.config import INITS, variant_name
 from lora_vision.lora.errors import LoRAConfigError, check_hyperparameters
 from lora_vision.lora.fused import linear_with_low_rank
 
 QKV_SLOTS = ("q", "k", "v")
-INITS = ("lora", "pissa")
-
-
-def variant_name(dora: bool = False, init: str = "lora", rslora: bool = False, loraplus: bool = False) -> str:
-    """The LoRA family member: "lora", or its options joined, e.g. "dora", "pissa+rslora", "loraplus"."""
-    options = {"dora": dora, "pissa": init == "pissa", "rslora": rslora, "loraplus": loraplus}
-    return "+".join(name for name, on in options.items() if on) or "lora"
 
 
 class LoRALayer(nn.Module, ABC):

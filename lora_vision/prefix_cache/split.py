@@ -18,8 +18,10 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
+from lora_vision.errors import UserError
 
-class PrefixCacheError(ValueError):
+
+class PrefixCacheError(UserError, ValueError):
     """Caching the frozen prefix is unsupported or would change the results; the message names the setting."""
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from lora_vision.errors import MissingInputError
 from lora_vision.report.collect import Row, aggregate, find_results, load_records
 from lora_vision.report.plot import plot
 from lora_vision.report.table import markdown, to_csv
@@ -27,7 +28,7 @@ def build_report(paths: list[str | Path], out_dir: str | Path, title: str | None
     """Aggregate the runs below `paths` and write the table (Markdown, CSV) and plot into `out_dir`."""
     files = find_results(paths)
     if not files:
-        raise FileNotFoundError(f"no results.json below {', '.join(map(str, paths))}")
+        raise MissingInputError(f"no results.json below {', '.join(map(str, paths))}")
     rows = aggregate(load_records(files))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from lora_vision.errors import user_errors_as_messages
 from lora_vision.report import build_report
 
 
@@ -15,11 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="where to write report.{md,csv,png} (default: the first DIR)")
     parser.add_argument("--title", help="title of the table and plot")
     args = parser.parse_args(argv)
-    try:
+    with user_errors_as_messages(parser.prog):
         report = build_report(args.dirs, args.out or args.dirs[0], args.title)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     print(report.markdown.read_text())
     print(f"wrote {report.markdown}, {report.csv}, {report.png}")
     return 0

@@ -10,33 +10,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lora_vision.errors import MissingInputError, UserError
+from lora_vision.lora.config import RECORDED
 from lora_vision.results import RESULTS_FILE
+
+
+class ReportInputError(UserError, ValueError):
+    """A results file the report reads is unreadable."""
+
 
 # The order a reader expects: the cheapest baseline, the adapters, then the most expensive baseline.
 METHOD_ORDER = {"linear_probe": 0, "bitfit": 1, "lora": 2, "full": 3}
 BASELINE_LABELS = {"linear_probe": "linear probe", "bitfit": "BitFit", "full": "full fine-tuning"}
 VARIANT_LABELS = {"lora": "LoRA", "dora": "DoRA", "pissa": "PiSSA", "rslora": "rsLoRA", "loraplus": "LoRA+"}
 
-# Fields that describe what was run. Runs equal in all of them except the seed form one row.
-CONFIG_FIELDS = (
-    "experiment",
-    "model",
-    "data",
-    "image_size",
-    "method",
-    "variant",
-    "targets",
-    "blocks",
-    "rank",
-    "rank_pattern",
-    "alpha",
-    "alpha_pattern",
-    "loraplus_lr_ratio",
-    "dropout",
-    "lr",
-    "batch_size",
-    "max_epochs",
-)
+# Fields that describe what was run (the LoRA ones from LoraConfig). Runs equal in all of them except the seed form
+# one row.
+CONFIG_FIELDS = ("experiment", "model", "data", "image_size", "method", *RECORDED, "lr", "batch_size", "max_epochs")
 # The `status` of a run stopped by a NaN/inf training loss (lora_vision.callbacks.FiniteLoss).
 DIVERGED = "diverged"
 METRICS = ("best_val_acc1", "test_acc1", "test_acc5", "wall_time_s", "trainable_params", "trainable_percent")
@@ -118,7 +108,7 @@ def find_results(paths: Sequence[str | Path]) -> list[Path]:
         elif path.is_dir():
             found.update(path.rglob(RESULTS_FILE))
         else:
-            raise FileNotFoundError(f"{path} does not exist; pass run or multirun directories that hold {RESULTS_FILE}")
+            raise MissingInputError(f"{path} does not exist; pass run or multirun directories that hold {RESULTS_FILE}")
     return sorted(found)
 
 
@@ -128,7 +118,7 @@ def load_records(files: Iterable[Path]) -> list[dict[str, Any]]:
         try:
             record = json.loads(path.read_text())
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON ({err}); was the run killed while writing it?") from None
+            raise ReportInputError(f"{path} is not valid JSON ({err}); was the run killed while writing it?") from None
         records.append({**record, "_path": str(path)})
     return records
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 
+from lora_vision.lora.config import RECORDED
 from lora_vision.report.collect import Row, Stat
 
 # (header, config field or metric, kind); kind says how a cell is written.
@@ -99,8 +100,8 @@ def markdown(rows: list[Row]) -> str:
 
 def to_csv(rows: list[Row]) -> str:
     """Raw numbers (fractions, not percent) with mean, std and count for each metric."""
-    extra = ["rank_pattern", "alpha_pattern", "loraplus_lr_ratio", "experiment", "data", "image_size", "lr"]
-    config_fields = [f for _, f, k in COLUMNS if k == "config"] + extra
+    config_fields = [f for _, f, k in COLUMNS if k == "config"]
+    config_fields += [f for f in RECORDED if f not in config_fields] + ["experiment", "data", "image_size", "lr"]
     metric_fields = [f for _, f, k in COLUMNS if k != "config"]
     header = [*config_fields, *(f"{m}_{s}" for m in metric_fields for s in ("mean", "std", "n"))]
     header += ["gap_closed_percent", "runs", "failed"]
