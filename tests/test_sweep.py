@@ -90,7 +90,7 @@ def test_the_report_goes_to_wandb_when_a_wandb_logger_is_configured(
     sweep_dir = shutil.copytree(sweep, tmp_path / "multirun")
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         config = compose(
-            "train", overrides=["+exp=smoke", "logger=wandb", f"hydra.sweep.dir={sweep_dir}"], return_hydra_config=True
+            "train", overrides=["exp=smoke", "logger=wandb", f"hydra.sweep.dir={sweep_dir}"], return_hydra_config=True
         )
     SweepReport().on_multirun_end(config)
     (run_dir,) = (sweep_dir / "wandb").glob("offline-run-*")

@@ -96,7 +96,7 @@ def compose_experiment(name: str, overrides: Sequence[str]) -> DictConfig:
     Groups ``model``, ``lora``, ``data``, ``optim``, ``module``, and ``precision`` (the trainer's).
     """
     with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[f"+exp={name}", *overrides])
+        cfg = compose("train", overrides=[f"exp={name}", *overrides])
     # Only what the benchmark uses: paths.output_dir (and the trainer's paths) would need Hydra's runtime.
     used = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("model", "lora", "data", "optim", "module")}
     return OmegaConf.create({**used, "precision": cfg.trainer.precision})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -20,6 +21,8 @@ BASELINE_STYLE = {
 }
 # One dash pattern per frontier when a report has several (one per input size or model).
 FRONTIER_DASHES = ((4, 2), (1, 2), (6, 2, 1, 2))
+# Characters per title line: the width of the axes at the title's font size.
+TITLE_WIDTH = 70
 # Config fields that name a series when a report's rows differ in them, and how each reads in the legend.
 SERIES_QUALIFIERS = {
     "experiment": str,
@@ -88,7 +91,8 @@ def plot(rows: list[Row], path: Path, title: str | None = None) -> Path:
     ax.set_ylabel("test top-1 accuracy (%)")
     ax.grid(True, which="major", alpha=0.3)
     if title:
-        ax.set_title(title, fontsize=11)
+        # Wrapped: a title wider than the axes would run off the figure's left edge.
+        ax.set_title("\n".join(textwrap.wrap(title, TITLE_WIDTH)), fontsize=11)
     if series:
         ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     else:
