@@ -84,9 +84,10 @@ VIT_BUDGET = (
     "trainer.max_epochs=2",
     "test=false",
 )
-# Measured on 2 CPU cores (torch 2.14.1, timm 1.0.31), validation top-1 over seeds 42, 1, 2, 3 (each seed also draws
-# the training subset and the validation split): LoRA q,v r=8 at lr 3e-3 MEASURED_LORA, linear probe at lr
-# 3e-2 MEASURED_PROBE; chance is 0.10. The margin is many seed standard deviations wide.
+# Measured on 2 CPU cores (torch 2.14.1, timm 1.0.31) with these settings and seeds 42, 1, 2 (each seed also draws
+# the training subset and the validation split), validation top-1: LoRA q,v r=8 at lr 3e-3 0.600, 0.549, 0.653;
+# linear probe at lr 1e-3 (the study's validation choice) 0.507, 0.409, 0.504. The same-seed differences are 9.3,
+# 14.0 and 14.9 points (mean 12.7, std 3.0); the margin is 2.5 of their standard deviations below their mean.
 VIT_MARGIN = 0.05
 
 
@@ -94,7 +95,7 @@ VIT_MARGIN = 0.05
 def test_vit_tiny_lora_beats_linear_probe_on_real_imagewoof(tmp_path_factory: pytest.TempPathFactory) -> None:
     data_dir, out = tmp_path_factory.mktemp("imagewoof"), tmp_path_factory.mktemp("runs")
     lora = train(VIT_BUDGET, data_dir, out / "lora")
-    probe = train((*VIT_BUDGET, "lora=linear_probe", "optim.lr=3e-2"), data_dir, out / "probe")
+    probe = train((*VIT_BUDGET, "lora=linear_probe", "optim.lr=1e-3"), data_dir, out / "probe")
     assert lora["status"] == probe["status"] == "completed"
     assert (lora["steps"], lora["trainable_params"], probe["trainable_params"]) == (32, 75_658, 1_930)
     assert lora["best_val_acc1"] >= probe["best_val_acc1"] + VIT_MARGIN, (lora, probe)
