@@ -315,13 +315,19 @@ def test_unreachable_hub_fails_within_seconds(tmp_path: Path, monkeypatch: pytes
     assert huggingface_hub.constants.HF_HUB_OFFLINE is False  # offline only for that one download
 
 
-def test_hub_log_lines_print_once(capfd: pytest.CaptureFixture[str]) -> None:
+def test_hub_log_lines_print_once(capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    library = logging.getLogger("huggingface_hub")
+    # The library's own stream handler, as huggingface_hub installs it; restored after the test.
+    monkeypatch.setattr(library, "handlers", [*library.handlers, logging.StreamHandler(sys.stderr)])
     root = logging.getLogger()
     handler = logging.StreamHandler(sys.stderr)
     root.addHandler(handler)  # as Hydra's console handler
+    hub_logger = huggingface_hub.utils.logging.get_logger("huggingface_hub.utils._http")
     try:
+        hub_logger.warning("before")
         route_hub_logs_to_root()
-        huggingface_hub.utils.logging.get_logger("huggingface_hub.utils._http").warning("retrying in 1s")
+        hub_logger.warning("after")
     finally:
         root.removeHandler(handler)
-    assert capfd.readouterr().err.count("retrying in 1s") == 1
+    printed = capfd.readouterr().err
+    assert printed.count("before") == 2 and printed.count("after") == 1

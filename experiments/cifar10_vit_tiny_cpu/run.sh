@@ -6,15 +6,11 @@
 # Usage: experiments/cifar10_vit_tiny_cpu/run.sh DIR_WITH_OFFLINE_ASSETS [OUT]
 #   DIR_WITH_OFFLINE_ASSETS holds data/cifar10/cifar10-jpeg.tar.gz and
 #   weights/vit_tiny_patch16_224.tinyimagenet_ft.safetensors.
-set -euo pipefail
-assets=$(realpath "$1")
+source experiments/common.sh "$1"
 out=${2:-outputs/study_cifar10_vit_tiny}
-here=experiments/cifar10_vit_tiny_cpu
-py=.venv/bin/python
 train() {
-  HF_HUB_OFFLINE=1 $py -m lora_vision.train -m +exp=cifar10_vit_tiny \
-    model.checkpoint="$assets/weights/vit_tiny_patch16_224.tinyimagenet_ft.safetensors" \
-    data.archive="$assets/data/cifar10/cifar10-jpeg.tar.gz" "$@"
+  offline_multirun +exp=cifar10_vit_tiny model.checkpoint="$vit_tiny_weights" \
+    data.archive="$cifar10_archive" "$@"
 }
 train lora=linear_probe perf.cache_prefix=true optim.lr=1e-3 hydra.sweep.dir="$out/linear_probe"
 train optim.lr=3e-3 lora.rank=1,4,16 hydra.sweep.dir="$out/lora_qv"

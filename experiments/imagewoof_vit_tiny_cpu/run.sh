@@ -7,15 +7,11 @@
 # Usage: experiments/imagewoof_vit_tiny_cpu/run.sh DIR_WITH_OFFLINE_ASSETS [OUT]
 #   DIR_WITH_OFFLINE_ASSETS holds data/imagewoof/imagewoof2-160.tar and
 #   weights/vit_tiny_patch16_224.tinyimagenet_ft.safetensors.
-set -euo pipefail
-assets=$(realpath "$1")
+source experiments/common.sh "$1"
 out=${2:-outputs/study_imagewoof_vit_tiny}
-here=experiments/imagewoof_vit_tiny_cpu
-py=.venv/bin/python
 train() {
-  HF_HUB_OFFLINE=1 $py -m lora_vision.train -m +exp=imagewoof_vit_tiny \
-    model.checkpoint="$assets/weights/vit_tiny_patch16_224.tinyimagenet_ft.safetensors" \
-    data.archive="$assets/data/imagewoof/imagewoof2-160.tar" "$@"
+  offline_multirun +exp=imagewoof_vit_tiny model.checkpoint="$vit_tiny_weights" \
+    data.archive="$imagewoof_archive" "$@"
 }
 
 # 1. Learning rate per method family, chosen on the validation split alone (test=false: no test score exists yet).
@@ -65,7 +61,7 @@ best=$($py $here/best.py run "$grid/lora_qv")
 $py -m lora_vision.analyze "$best" --split val --out "$here/analysis_best_qv"
 $py -m lora_vision.export "$best" --out "$out/export_best_qv"
 HF_HUB_OFFLINE=1 $py -m lora_vision.evaluate "$out/export_best_qv" \
-  data.archive="$assets/data/imagewoof/imagewoof2-160.tar" | tee "$here/export_check.txt"
+  data.archive="$imagewoof_archive" | tee "$here/export_check.txt"
 $py - "$out/export_best_qv/eval/imagewoof_test.json" "$best/results.json" <<'EOF' | tee -a "$here/export_check.txt"
 import json, sys
 exported, run = (json.load(open(path)) for path in sys.argv[1:])

@@ -10,15 +10,11 @@
 # Usage: experiments/imagewoof_vit_tiny_rank_scale_cpu/run.sh DIR_WITH_OFFLINE_ASSETS [OUT]
 #   DIR_WITH_OFFLINE_ASSETS holds data/imagewoof/imagewoof2-160.tar and
 #   weights/vit_tiny_patch16_224.tinyimagenet_ft.safetensors.
-set -euo pipefail
-assets=$(realpath "$1")
+source experiments/common.sh "$1"
 out=${2:-outputs/study_imagewoof_vit_tiny_rank_scale}
-here=experiments/imagewoof_vit_tiny_rank_scale_cpu
-py=.venv/bin/python
 train() {
-  HF_HUB_OFFLINE=1 $py -m lora_vision.train -m +exp=imagewoof_vit_tiny optim.lr=3e-3 \
-    model.checkpoint="$assets/weights/vit_tiny_patch16_224.tinyimagenet_ft.safetensors" \
-    data.archive="$assets/data/imagewoof/imagewoof2-160.tar" "$@"
+  offline_multirun +exp=imagewoof_vit_tiny optim.lr=3e-3 model.checkpoint="$vit_tiny_weights" \
+    data.archive="$imagewoof_archive" "$@"
 }
 ranks=lora.rank=1,4,16,32
 train lora.rank=1,4,8,16,32 hydra.sweep.dir="$out/alpha_8"
