@@ -11,9 +11,12 @@ import lightning as L
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from lora_vision.config_checks import ConfigError
 from lora_vision.errors import UserError
+from lora_vision.models import build_model
+from lora_vision.module import Classifier
 
 # Keys of the `data` group that describe the model input rather than the datamodule; they reach the
 # datamodule through its `data_config`.
@@ -43,6 +46,37 @@ def build_datamodule(data_cfg: DictConfig) -> L.LightningDataModule:
     """The datamodule of the `data` group, without its input-size keys (they go into `data_config` later)."""
     options = {key: value for key, value in data_cfg.items() if key not in INPUT_KEYS}
     return instantiate_validated(OmegaConf.create(options))
+
+
+def build_backbone(model_cfg: DictConfig, num_classes: int, random_init: bool = False) -> nn.Module:
+    """The timm backbone of the `model` group; `random_init` skips any pretrained weights or checkpoint."""
+    return build_model(
+        model_cfg.name,
+        num_classes=num_classes,
+        pretrained=model_cfg.pretrained and not random_init,
+        checkpoint=None if random_init else model_cfg.checkpoint,
+        kwargs=OmegaConf.to_container(model_cfg.kwargs, resolve=True),
+        zero_init_head=model_cfg.zero_init_head,
+    )
+
+
+def build_module(
+    cfg: DictConfig,
+    model: nn.Module,
+    num_classes: int,
+    method: Any,
+    module_class: type[Classifier] = Classifier,
+    **extra: Any,
+) -> Classifier:
+    """The LightningModule training `model` with the run's `optim` and `module` settings and the method's lr ratios."""
+    return module_class(
+        model,
+        num_classes,
+        **OmegaConf.to_container(cfg.optim, resolve=True),
+        **OmegaConf.to_container(cfg.module, resolve=True),
+        lr_ratios=method.lr_ratios(),
+        **extra,
+    )
 
 
 def instantiate_all(group: DictConfig | None) -> list[Any]:

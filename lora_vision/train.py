@@ -28,12 +28,19 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from lora_vision.adapters import ADAPTER_DIR, ADAPTER_TENSORS, save_adapter, weights_fingerprint
-from lora_vision.builders import build_datamodule, build_method, check_num_classes, instantiate_all
+from lora_vision.builders import (
+    build_backbone,
+    build_datamodule,
+    build_method,
+    build_module,
+    check_num_classes,
+    instantiate_all,
+)
 from lora_vision.callbacks import DivergedError, FiniteLoss, TrainThroughput
 from lora_vision.cli import canonical_overrides
 from lora_vision.config_checks import ConfigError, check_accelerator, check_appended_keys, check_config
 from lora_vision.errors import UserError, exit_with_message, full_traceback_requested
-from lora_vision.models import build_model, model_data_config, route_hub_logs_to_root
+from lora_vision.models import model_data_config, route_hub_logs_to_root
 from lora_vision.module import Classifier
 from lora_vision.performance import apply_performance_options
 from lora_vision.prefix_cache import PREFIX_CACHE_KEYS, SuffixClassifier, serve_run_prefix_cache
@@ -192,41 +199,34 @@ def save_run_adapter(
     return {"adapter_dir": str(directory), "adapter_bytes": (directory / ADAPTER_TENSORS).stat().st_size}
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train and test one configuration; return the record written to `<run dir>/results.json`."""
-    started = time.perf_counter()
+def check_run(cfg: DictConfig) -> None:
+    """Every check that needs no model or data: the output directory, the values, the keys, the accelerator."""
     check_output_dir(cfg.paths.output_dir)
     check_config(cfg)
     if HydraConfig.initialized():
         hydra_cfg = HydraConfig.get()
         check_appended_keys(hydra_cfg.overrides.task, hydra_cfg.runtime.choices, cfg)
     check_accelerator(cfg)
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train and test one configuration; return the record written to `<run dir>/results.json`."""
+    started = time.perf_counter()
+    check_run(cfg)
     L.seed_everything(cfg.seed, workers=True)
     method = build_method(cfg.lora)
     datamodule = build_datamodule(cfg.data)
     num_classes = cfg.model.num_classes or datamodule.num_classes
     check_num_classes(num_classes, datamodule.num_classes, cfg.model.name, cfg.data._target_)
-    model = build_model(
-        cfg.model.name,
-        num_classes=num_classes,
-        pretrained=cfg.model.pretrained,
-        checkpoint=cfg.model.checkpoint,
-        kwargs=OmegaConf.to_container(cfg.model.kwargs, resolve=True),
-        zero_init_head=cfg.model.zero_init_head,
-    )
+    model = build_backbone(cfg.model, num_classes)
     fingerprint = weights_fingerprint(model)
     summary = method.apply(model)
     perf = OmegaConf.to_container(cfg.perf, resolve=True)
     apply_performance_options(model, **{key: value for key, value in perf.items() if key not in PREFIX_CACHE_KEYS})
     datamodule.data_config = model_data_config(model, cfg.data.image_size, cfg.data.crop_pct)
-    module = (SuffixClassifier if cfg.perf.cache_prefix else Classifier)(
-        model,
-        num_classes,
-        **OmegaConf.to_container(cfg.optim, resolve=True),
-        **OmegaConf.to_container(cfg.module, resolve=True),
-        lr_ratios=method.lr_ratios(),
-        param_summary=summary,
-        base_fingerprint=fingerprint,
+    module_class = SuffixClassifier if cfg.perf.cache_prefix else Classifier
+    module = build_module(
+        cfg, model, num_classes, method, module_class, param_summary=summary, base_fingerprint=fingerprint
     )
     record = base_record(cfg, method, summary, num_classes) | {"base_fingerprint": fingerprint, "prefix_cache": None}
     results_path = Path(cfg.paths.output_dir) / RESULTS_FILE

@@ -12,15 +12,17 @@ from hydra.utils import instantiate
 from torch import nn
 
 from lora_vision.lora import LoRAConfigError, LoRAConv2d, LoRALinear, apply_lora, merge_lora, unmerge_lora
+from lora_vision.lora.variants import VARIANTS as REGISTERED
 from lora_vision.methods import BitFit, FullFineTune, LinearProbe, LoRA
 from lora_vision.module import Classifier
-from tests.helpers import randomize_adapters, tiny_resnet, tiny_vit
+from lora_vision.report.collect import VARIANT_LABELS
+from tests.helpers import composed, randomize_adapters, tiny_resnet, tiny_vit
 
+# Every registered variant alone, and all of them together: a new variant is held to the same properties.
+VARIANT_SETTINGS = {v.name: dict([v.setting]) for v in REGISTERED}
 VARIANTS = {
-    "rslora": dict(rslora=True),
-    "dora": dict(dora=True),
-    "pissa": dict(init="pissa"),
-    "dora+pissa+rslora": dict(dora=True, init="pissa", rslora=True),
+    **VARIANT_SETTINGS,
+    "+".join(VARIANT_SETTINGS): {k: v for s in VARIANT_SETTINGS.values() for k, v in s.items()},
 }
 MODELS = {
     "vit q,v + mlp": (tiny_vit, ["qv", "mlp"]),
@@ -192,6 +194,7 @@ def test_rank_and_alpha_patterns_set_each_layer_and_later_keys_win() -> None:
         (dict(alpha_pattern={"blocks.0.*": -1.0}), r"alpha must be a finite number > 0"),
         (dict(rank_pattern={"blocks.0.*": 65}), r"blocks.0.attn.qkv \(rank 65 exceeds max 64\)"),
         (dict(init="svd"), r"init='svd' is not one of lora, pissa"),
+        (dict(dora="yes"), r"lora.dora must be true or false, got 'yes'"),
     ],
 )
 def test_bad_variant_settings_fail_before_the_model_changes(kwargs: dict, message: str) -> None:
@@ -243,6 +246,16 @@ def test_config_rebuilds_an_equal_method(method) -> None:
     assert type(rebuilt) is type(method) and rebuilt.describe() == method.describe()
     first, second = tiny_vit(), tiny_vit()
     assert method.apply(first).to_dict() == rebuilt.apply(second).to_dict()
+
+
+def test_the_registry_holds_each_variant_with_its_config_and_label() -> None:
+    assert [v.name for v in REGISTERED] == ["dora", "pissa", "rslora"]
+    for variant in REGISTERED:
+        with composed(f"lora={variant.name}") as cfg:
+            assert instantiate(cfg.lora).variant == variant.name
+        assert VARIANT_LABELS[variant.name] == variant.label
+        layer = LoRALinear(nn.Linear(8, 8), rank=2, **dict([variant.setting]))
+        assert [type(v) for v in layer.variants] == [variant] and layer.variant == variant.name
 
 
 def test_variant_names() -> None:

@@ -46,11 +46,10 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lora_vision.builders import build_datamodule, build_method
+from lora_vision.builders import build_backbone, build_datamodule, build_method, build_module
 from lora_vision.data import CIFARDataModule, ImageDataModule, ImageNetSubsetDataModule
 from lora_vision.data.base import resolve_num_workers
-from lora_vision.models import build_model, model_data_config
-from lora_vision.module import Classifier
+from lora_vision.models import model_data_config
 from lora_vision.results import PROJECT_ROOT, write_atomic
 
 EXPERIMENTS = ("vit_r8", "cifar10_effnet", "imagewoof_effnet")
@@ -179,8 +178,7 @@ def model_throughput(
     """
     method = build_method(cfg.lora)
     method.apply(model)
-    options = {**OmegaConf.to_container(cfg.optim), **OmegaConf.to_container(cfg.module)}
-    module = Classifier(model, num_classes, **options, lr_ratios=method.lr_ratios()).to(device)
+    module = build_module(cfg, model, num_classes, method).to(device)
     module.train()
     optimizer = torch.optim.AdamW(module.param_groups(), lr=cfg.optim.lr)
     size = cfg.data.image_size
@@ -236,7 +234,7 @@ def bench_experiment(
         model_batch = min(model_batch, CPU_MODEL_BATCH)
     torch.manual_seed(0)
     # Random init: the weights do not change the cost.
-    model = build_model(cfg.model.name, num_classes, pretrained=False, kwargs=cfg.model.kwargs)
+    model = build_backbone(cfg.model, num_classes, random_init=True)
     data_config = model_data_config(model, cfg.data.image_size, cfg.data.crop_pct)
     model_ips, precision = model_throughput(
         cfg, model, num_classes, model_batch, device, settings.model_steps, settings.model_warmup

@@ -1,24 +1,23 @@
 """`LoraConfig`: every LoRA setting, typed and validated in one place.
 
 `apply_lora`, the `lora` Hydra group's `LoRA` method, results files, adapter files and the report all read their
-settings from these fields, so adding an option is one field here (and its use where the layers need it).
+settings from these fields, so adding an option is one field here (and its use where the layers need it). A LoRA
+variant (`lora_vision.lora.variants`) is switched on by a field's value: `dora=True`, `init="pissa"`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from lora_vision.lora.errors import LoRAConfigError, check_hyperparameters, is_positive_number
+from lora_vision.lora.variants import VARIANTS, LoraVariant
 
-INITS = ("lora", "pissa")
 
-
-def variant_name(dora: bool = False, init: str = "lora", rslora: bool = False, loraplus: bool = False) -> str:
-    """The LoRA family member: "lora", or its options joined, e.g. "dora", "pissa+rslora", "loraplus"."""
-    options = {"dora": dora, "pissa": init == "pissa", "rslora": rslora, "loraplus": loraplus}
-    return "+".join(name for name, on in options.items() if on) or "lora"
+def variant_name(variants: Iterable[str], loraplus: bool = False) -> str:
+    """The LoRA family member: "lora", or its variants joined, e.g. "dora", "pissa+rslora", "loraplus"."""
+    return "+".join([*variants, *(["loraplus"] if loraplus else [])]) or "lora"
 
 
 def _pattern(value: Any, key: str) -> dict[str, Any]:
@@ -67,11 +66,9 @@ class LoraConfig:
         targets = [self.targets] if isinstance(self.targets, str) else self.targets
         if not isinstance(targets, Sequence) or not targets or not all(isinstance(t, str) and t for t in targets):
             raise LoRAConfigError(f"lora.targets must be a non-empty list of strings, got {self.targets!r}")
-        if self.init not in INITS:
-            raise LoRAConfigError(f"lora.init={self.init!r} is not one of {', '.join(INITS)}")
-        for key in ("rslora", "dora", "train_head"):
-            if not isinstance(getattr(self, key), bool):
-                raise LoRAConfigError(f"lora.{key} must be true or false, got {getattr(self, key)!r}")
+        check_variant_settings({key: getattr(self, key) for key in VARIANT_FIELDS}, "lora.")
+        if not isinstance(self.train_head, bool):
+            raise LoRAConfigError(f"lora.train_head must be true or false, got {self.train_head!r}")
         ratio = self.loraplus_lr_ratio
         if ratio is not None and not is_positive_number(ratio):
             raise LoRAConfigError(f"lora.loraplus_lr_ratio must be a number > 0 or null, got {ratio!r}")
@@ -98,7 +95,8 @@ class LoraConfig:
 
     @property
     def variant(self) -> str:
-        return variant_name(self.dora, self.init, self.rslora, loraplus=self.loraplus_lr_ratio is not None)
+        names = [v.name for v in VARIANTS if getattr(self, v.setting[0]) == v.setting[1]]
+        return variant_name(names, loraplus=self.loraplus_lr_ratio is not None)
 
     def settings(self) -> dict[str, Any]:
         """Every field as plain Python values (lists, dicts): what adapter files store to rebuild the config."""
@@ -109,6 +107,34 @@ class LoraConfig:
         values = self.settings()
         del values["train_head"]
         return {"variant": self.variant, **values, "alpha": float(self.rank if self.alpha is None else self.alpha)}
+
+
+# The fields that switch variants on, with plain LoRA's values (their defaults).
+VARIANT_FIELDS = tuple(dict.fromkeys(v.setting[0] for v in VARIANTS))
+PLAIN = {f.name: f.default for f in fields(LoraConfig) if f.name in VARIANT_FIELDS}
+
+
+def variant_choices(field: str) -> tuple[Any, ...]:
+    """The values a variant field accepts: plain LoRA's and those that switch a variant on."""
+    return (PLAIN[field], *(v.setting[1] for v in VARIANTS if v.setting[0] == field))
+
+
+def check_variant_settings(settings: Mapping[str, Any], prefix: str = "") -> None:
+    """A `LoRAConfigError` for a key that is no variant field or a value no variant (nor plain LoRA) takes."""
+    for key, value in settings.items():
+        if key not in PLAIN:
+            raise LoRAConfigError(f"{prefix}{key} is not a LoRA variant setting; valid: {', '.join(VARIANT_FIELDS)}")
+        valid = variant_choices(key)
+        if isinstance(PLAIN[key], bool) and not isinstance(value, bool):
+            raise LoRAConfigError(f"{prefix}{key} must be true or false, got {value!r}")
+        if value not in valid:
+            raise LoRAConfigError(f"{prefix}{key}={value!r} is not one of {', '.join(map(str, valid))}")
+
+
+def active_variants(settings: Mapping[str, Any]) -> list[LoraVariant]:
+    """New instances of the variants that `settings` (variant fields; missing ones plain) switch on."""
+    check_variant_settings(settings)
+    return [v() for v in VARIANTS if settings.get(v.setting[0], PLAIN[v.setting[0]]) == v.setting[1]]
 
 
 SETTINGS = tuple(f.name for f in fields(LoraConfig))

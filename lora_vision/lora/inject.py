@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from lora_vision.lora.config import LoraConfig
+from lora_vision.lora.config import VARIANT_FIELDS, LoraConfig
 from lora_vision.lora.errors import LoRAConfigError, check_hyperparameters
 from lora_vision.lora.layers import QKV_SLOTS, LoRAConv2d, LoRALayer, LoRALinear
 from lora_vision.lora.summary import ParameterSummary, summarize
@@ -74,7 +74,7 @@ def apply_lora(model: nn.Module, targets: str | Sequence[str] | LoraConfig, **se
     ]
     if too_small:
         raise LoRAConfigError(f"lora rank too large for these layers: {', '.join(too_small)}")
-    variants = {"rslora": config.rslora, "dora": config.dora, "init": config.init}
+    variants = {key: getattr(config, key) for key in VARIANT_FIELDS}
     for target in resolved:
         layer = _build(target, ranks.get(target.name, rank), alphas.get(target.name, alpha), dropout, variants)
         if layer.adapter_parameters > layer.base_parameters:

@@ -6,17 +6,10 @@
 leaves the model's function exactly unchanged. The scale is a float: integer division (`alpha // r`) would
 silently switch the adapter off whenever alpha < r.
 
-Variants, each a constructor option and each composable with the others:
-- rsLoRA (Kalajdzievski, 2023, arXiv:2312.03732): scale = alpha / sqrt(r), so the update's magnitude stays
-  stable as r grows and a rank sweep no longer also sweeps the effective learning rate.
-- DoRA (Liu et al., 2024, arXiv:2402.09353): W' = m * (W0 + dW) / ||W0 + dW||, the norm taken per output
-  channel; the magnitude m (initialised to ||W0||) trains, the direction gets the low-rank update. The norm is
-  treated as a constant in the backward pass, as the paper's section 4.3 does to save memory.
-- PiSSA (Meng et al., 2024, arXiv:2404.02948): A and B start as the top-r singular triplets of W0, the
-  residual W0 - B0 A0 stays frozen. The layer keeps W0 and the initial factors B0, A0 (frozen buffers) and
-  adds scale * (B A - B0 A0), computed as scale * ((B - B0) A + B0 (A - A0)): both terms are exactly zero at
-  initialisation, so the initial model is bit-for-bit unchanged and the update is always relative to W0 (an
-  adapter file loads onto the untouched pretrained weights, and analysis sees what training changed).
+Variants (rsLoRA, DoRA, PiSSA, ...) are `lora_vision.lora.variants`, one module each, switched on by the
+constructor options that `LoraConfig` declares (`rslora=True`, `dora=True`, `init="pissa"`) and composable with
+each other; the layer calls their hooks (`LoraVariant`) when it sets its scale, once its factors exist, when it
+reads them, in its forward and when it merges or unmerges.
 
 Each layer keeps the wrapped module as `self.base`, so `merge()` can fold the update into `base.weight` and
 inference then costs exactly what the base layer costs; `unmerge()` takes it out again.
@@ -31,14 +24,16 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lora_vision.lora.config import INITS, variant_name
+from lora_vision.lora.config import active_variants, variant_name
 from lora_vision.lora.errors import LoRAConfigError, check_hyperparameters
 from lora_vision.lora.fused import linear_with_low_rank
+from lora_vision.lora.variants import LoraVariant
 
 QKV_SLOTS = ("q", "k", "v")
 
@@ -55,52 +50,27 @@ class LoRALayer(nn.Module, ABC):
     # Dimension of lora_A and lora_B along which the rank runs.
     rank_dims: tuple[int, int]
 
-    def __init__(
-        self,
-        base: nn.Module,
-        rank: int,
-        alpha: float | None,
-        dropout: float,
-        rslora: bool = False,
-        dora: bool = False,
-        init: str = "lora",
-    ) -> None:
+    def __init__(self, base: nn.Module, rank: int, alpha: float | None, dropout: float, **variants: Any) -> None:
         check_hyperparameters(rank, alpha, dropout)
-        if init not in INITS:
-            raise LoRAConfigError(f"lora init={init!r} is not one of {', '.join(INITS)}")
+        active = active_variants(variants)
         super().__init__()
         self.base = base
         self.rank = rank
         self.alpha = float(rank if alpha is None else alpha)
-        self.rslora, self.dora, self.init = bool(rslora), bool(dora), init
-        self.scale = self.alpha / (math.sqrt(rank) if self.rslora else rank)
+        self.variants: tuple[LoraVariant, ...] = tuple(active)
+        self.scale = self.alpha / rank
+        for variant in self.variants:
+            self.scale = variant.scale(self)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
-        self._merged_factor: Tensor | None = None
         base.requires_grad_(False)
         # Swapping a layer into a model in eval mode must not put that one layer into train mode.
         self.train(base.training)
 
     def _init_variants(self) -> None:
-        """Called by subclasses once lora_A and lora_B exist."""
-        if self.init == "pissa":
-            self._init_pissa()
-        if self.dora:
-            self.lora_magnitude = nn.Parameter(self._base_slots().norm(dim=-1))
-
-    @torch.no_grad()
-    def _init_pissa(self) -> None:
-        # At least float32 (half-precision weights); float64 would be slower and buys nothing: the initial model is
-        # unchanged whatever the factors' rounding, since the layer adds B A - B0 A0 (see the module docstring).
-        u, s, vh = torch.linalg.svd(self._base_slots().float(), full_matrices=False)
-        root = (s[:, : self.rank] / self.scale).sqrt()
-        b = u[..., : self.rank] * root[:, None, :]
-        a = root[..., None] * vh[:, : self.rank]
-        a, b = self._native_factors(b.to(self.lora_B.dtype), a.to(self.lora_A.dtype))
-        self.lora_A.copy_(a)
-        self.lora_B.copy_(b)
-        self.register_buffer("pissa_A0", a.clone())
-        self.register_buffer("pissa_B0", b.clone())
+        """Called by subclasses once lora_A and lora_B exist: the variants' `init` hooks."""
+        for variant in self.variants:
+            variant.init(self)
 
     # Layout hooks -------------------------------------------------------------------------------------------
 
@@ -143,12 +113,10 @@ class LoRALayer(nn.Module, ABC):
     # Factors and updates ------------------------------------------------------------------------------------
 
     def factors(self) -> tuple[Tensor, Tensor]:
-        """Native (A, B) whose product (times `scale`) is the update; PiSSA's has rank 2r (see the module doc)."""
-        if self.init != "pissa":
-            return self.lora_A, self.lora_B
-        a_dim, b_dim = self.rank_dims
-        a = torch.cat([self.lora_A, self.lora_A - self.pissa_A0], dim=a_dim)
-        b = torch.cat([self.lora_B - self.pissa_B0, self.pissa_B0], dim=b_dim)
+        """Native (A, B) whose product (times `scale`) is the update (a variant may change them: PiSSA's)."""
+        a, b = self.lora_A, self.lora_B
+        for variant in self.variants:
+            a, b = variant.factors(self, a, b)
         return a, b
 
     def low_rank_update(self) -> tuple[Tensor, Tensor]:
@@ -172,9 +140,8 @@ class LoRALayer(nn.Module, ABC):
         new_a, new_b = self._native_factors(padded_b, padded_a)
         self.lora_A.copy_(new_a)
         self.lora_B.copy_(new_b)
-        if self.init == "pissa":
-            self.pissa_A0.zero_()
-            self.pissa_B0.zero_()
+        for variant in self.variants:
+            variant.update_replaced(self)
 
     def _slot_delta(self) -> Tensor:
         b, a = self.low_rank_update()
@@ -192,7 +159,7 @@ class LoRALayer(nn.Module, ABC):
 
     @property
     def variant(self) -> str:
-        return variant_name(self.dora, self.init, self.rslora)
+        return variant_name(v.name for v in self.variants)
 
     @property
     def slot_names(self) -> tuple[str, ...]:
@@ -205,23 +172,11 @@ class LoRALayer(nn.Module, ABC):
 
     # Forward and merging ------------------------------------------------------------------------------------
 
-    def _dora_factor(self) -> Tensor:
-        """m / ||W0 + dW|| per output channel (S, out_s), the norm detached (DoRA section 4.3)."""
-        norm = (self._base_slots() + self._slot_delta()).norm(dim=-1).detach()
-        # A dead (all-zero) channel has m = 0 too; clamping keeps its factor at 0 instead of 0/0.
-        return self.lora_magnitude / norm.clamp_min(torch.finfo(norm.dtype).tiny)
-
     def adapter_forward(self, x: Tensor, out: Tensor) -> Tensor:
         """Add the update for input `x` to the base output `out`."""
         delta = self._low_rank_path(self.dropout(x), *self.factors())
-        if self.dora:
-            # m/||W|| (W0 x + dW x) + b, written as out + (f - 1) W0 x + f dW x: both terms are exactly zero
-            # at initialisation (f = 1, dW = 0), so the new adapter leaves the output bit-for-bit unchanged.
-            factor = self._per_channel(self._dora_factor())
-            base_out = self._adapted_part(out)
-            if self.base.bias is not None:
-                base_out = base_out - self._per_channel(self._bias_slots())
-            delta = (factor - 1) * base_out + factor * delta
+        for variant in self.variants:
+            delta = variant.forward(self, out, delta)
         return self._add(out, delta)
 
     def _bias_slots(self) -> Tensor:
@@ -241,14 +196,10 @@ class LoRALayer(nn.Module, ABC):
         """Fold the update into the base weight (idempotent)."""
         if self.merged:
             return
-        weight = self.base.weight
-        if self.dora:
-            factor = self._dora_factor()
-            change = (factor[..., None] - 1) * self._base_slots() + factor[..., None] * self._slot_delta()
-            self._merged_factor = factor
-            weight += self._slots_to_weight(change).to(weight.dtype)
-        else:
-            weight += self.delta_weight().to(weight.dtype)
+        change = self._slot_delta()
+        for variant in self.variants:
+            change = variant.merged_change(self, change)
+        self.base.weight += self._slots_to_weight(change).to(self.base.weight.dtype)
         self.merged = True
 
     @torch.no_grad()
@@ -256,14 +207,10 @@ class LoRALayer(nn.Module, ABC):
         """Take the update out again. Restores the weight up to float rounding (about 1 ulp of the weight)."""
         if not self.merged:
             return
-        weight = self.base.weight
-        if self.dora:
-            merged = self._base_slots()
-            original = merged / self._merged_factor[..., None] - self._slot_delta()
-            weight += self._slots_to_weight(original - merged).to(weight.dtype)
-            self._merged_factor = None
-        else:
-            weight -= self.delta_weight().to(weight.dtype)
+        change = self._slot_delta()
+        for variant in self.variants:
+            change = variant.unmerged_change(self, change)
+        self.base.weight -= self._slots_to_weight(change).to(self.base.weight.dtype)
         self.merged = False
 
     @property
@@ -294,16 +241,14 @@ class LoRALinear(LoRALayer):
         dropout: float = 0.0,
         num_slots: int = 1,
         slots: Sequence[int] | None = None,
-        rslora: bool = False,
-        dora: bool = False,
-        init: str = "lora",
+        **variants: Any,
     ) -> None:
         if num_slots < 1 or base.out_features % num_slots:
             raise LoRAConfigError(f"cannot split {base.out_features} output features into {num_slots} equal slots")
         slots = tuple(range(num_slots)) if slots is None else tuple(sorted(set(slots)))
         if not slots or not all(0 <= s < num_slots for s in slots):
             raise LoRAConfigError(f"slots must be a non-empty subset of 0..{num_slots - 1}, got {slots}")
-        super().__init__(base, rank, alpha, dropout, rslora, dora, init)
+        super().__init__(base, rank, alpha, dropout, **variants)
         self.num_slots = num_slots
         self.slots = slots
         slot_out = base.out_features // num_slots
@@ -341,7 +286,7 @@ class LoRALinear(LoRALayer):
         base = self.base
         fusable = (
             not self.merged
-            and not self.dora
+            and all(v.fusable for v in self.variants)
             and type(base).forward is nn.Linear.forward
             and not any(p.requires_grad for p in base.parameters())
         )
@@ -398,11 +343,9 @@ class LoRAConv2d(LoRALayer):
         rank: int,
         alpha: float | None = None,
         dropout: float = 0.0,
-        rslora: bool = False,
-        dora: bool = False,
-        init: str = "lora",
+        **variants: Any,
     ) -> None:
-        super().__init__(base, rank, alpha, dropout, rslora, dora, init)
+        super().__init__(base, rank, alpha, dropout, **variants)
         weight = base.weight
         self.lora_A = nn.Parameter(weight.new_empty(rank, *weight.shape[1:]))
         self.lora_B = nn.Parameter(weight.new_zeros(base.out_channels, rank))

@@ -12,6 +12,7 @@ from typing import Any
 
 from lora_vision.errors import MissingInputError, UserError
 from lora_vision.lora.config import RECORDED
+from lora_vision.lora.variants import VARIANTS
 from lora_vision.results import RESULTS_FILE
 
 
@@ -22,7 +23,7 @@ class ReportInputError(UserError, ValueError):
 # The order a reader expects: the cheapest baseline, the adapters, then the most expensive baseline.
 METHOD_ORDER = {"linear_probe": 0, "bitfit": 1, "lora": 2, "full": 3}
 BASELINE_LABELS = {"linear_probe": "linear probe", "bitfit": "BitFit", "full": "full fine-tuning"}
-VARIANT_LABELS = {"lora": "LoRA", "dora": "DoRA", "pissa": "PiSSA", "rslora": "rsLoRA", "loraplus": "LoRA+"}
+VARIANT_LABELS = {"lora": "LoRA", **{v.name: v.label for v in VARIANTS}, "loraplus": "LoRA+"}
 
 # Fields that describe what was run (the LoRA ones from LoraConfig). Runs equal in all of them except the seed form
 # one row.

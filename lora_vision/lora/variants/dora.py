@@ -1,0 +1,59 @@
+"""DoRA (Liu et al., 2024, arXiv:2402.09353): W' = m * (W0 + dW) / ||W0 + dW||.
+
+The norm is taken per output channel; the magnitude m (initialised to ||W0||, the layer's `lora_magnitude`)
+trains and the direction gets the low-rank update. The norm is treated as a constant in the backward pass, as
+the paper's section 4.3 does to save memory.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from lora_vision.lora.variants.base import LoraVariant
+
+if TYPE_CHECKING:
+    from lora_vision.lora.layers import LoRALayer
+
+
+class DoRA(LoraVariant):
+    name = "dora"
+    label = "DoRA"
+    setting = ("dora", True)
+    fusable = False
+
+    def __init__(self) -> None:
+        self._merged_factor: Tensor | None = None
+
+    def init(self, layer: LoRALayer) -> None:
+        layer.lora_magnitude = nn.Parameter(layer._base_slots().norm(dim=-1))
+
+    @staticmethod
+    def factor(layer: LoRALayer) -> Tensor:
+        """m / ||W0 + dW|| per output channel (S, out_s), the norm detached (DoRA section 4.3)."""
+        norm = (layer._base_slots() + layer._slot_delta()).norm(dim=-1).detach()
+        # A dead (all-zero) channel has m = 0 too; clamping keeps its factor at 0 instead of 0/0.
+        return layer.lora_magnitude / norm.clamp_min(torch.finfo(norm.dtype).tiny)
+
+    def forward(self, layer: LoRALayer, out: Tensor, delta: Tensor) -> Tensor:
+        # m/||W|| (W0 x + dW x) + b, written as out + (f - 1) W0 x + f dW x: both terms are exactly zero at
+        # initialisation (f = 1, dW = 0), so a new adapter leaves the output bit-for-bit unchanged.
+        factor = layer._per_channel(self.factor(layer))
+        base_out = layer._adapted_part(out)
+        if layer.base.bias is not None:
+            base_out = base_out - layer._per_channel(layer._bias_slots())
+        return (factor - 1) * base_out + factor * delta
+
+    def merged_change(self, layer: LoRALayer, change: Tensor) -> Tensor:
+        factor = self.factor(layer)
+        self._merged_factor = factor
+        return (factor[..., None] - 1) * layer._base_slots() + factor[..., None] * change
+
+    def unmerged_change(self, layer: LoRALayer, change: Tensor) -> Tensor:
+        # Divide the merged weight by the factor the merge used (the current factor would read the merged weight).
+        merged = layer._base_slots()
+        original = merged / self._merged_factor[..., None] - change
+        self._merged_factor = None
+        return merged - original
