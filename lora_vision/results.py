@@ -19,6 +19,8 @@ import torch
 from lora_vision.errors import OutputWriteError
 
 RESULTS_FILE = "results.json"
+# Written by the Optuna sweeper into a two-objective search's sweep directory, read by the sweep report.
+PARETO_FILE = "pareto_front.yaml"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 

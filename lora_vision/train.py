@@ -45,8 +45,9 @@ from lora_vision.module import Classifier
 from lora_vision.performance import apply_performance_options
 from lora_vision.prefix_cache import PREFIX_CACHE_KEYS, SuffixClassifier, serve_run_prefix_cache
 from lora_vision.preflight import check_output_dir
-from lora_vision.results import RESULTS_FILE, finite_or_none, git_state, versions, write_json_atomic
+from lora_vision.results import PROJECT_ROOT, RESULTS_FILE, finite_or_none, git_state, versions, write_json_atomic
 from lora_vision.resume import AtomicCheckpointIO, keep_interrupted_metrics, requested_checkpoint
+from lora_vision.search.pruning import TrialPruning, trial_pruning
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,7 @@ def base_record(cfg: DictConfig, method: Any, summary: Any, num_classes: int) ->
         "versions": versions(),
         **git_state(),
         "output_dir": str(cfg.paths.output_dir),
+        "trial": cfg.trial,
         "status": "running",
     }
 
@@ -133,13 +135,17 @@ def fit_and_test(
     datamodule: L.LightningDataModule,
     resume_from: Path | None = None,
 ) -> dict[str, Any]:
-    """Fit (from `resume_from` when given), then test the best checkpoint; return the outcome fields of the record."""
+    """Fit (from `resume_from` when given), then test the best checkpoint; return the outcome fields of the record.
+
+    A trial stopped by the search's pruner is not tested: it ends `pruned`, with the last epoch it trained.
+    """
     throughput = next(c for c in trainer.callbacks if isinstance(c, TrainThroughput))
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
     checkpoint = trainer.checkpoint_callback
     best_path = checkpoint.best_model_path if checkpoint is not None else ""
+    pruned_at = next((c.pruned_at_epoch for c in trainer.callbacks if isinstance(c, TrialPruning)), None)
     test_metrics: dict[str, Any] = {}
-    if cfg.test:
+    if cfg.test and pruned_at is None:
         # Without a best checkpoint (checkpointing off, fast_dev_run) the final weights are tested.
         test_metrics = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None)[0]
     return {
@@ -151,6 +157,8 @@ def fit_and_test(
         "steps": trainer.global_step,
         "best_checkpoint": best_path or None,
         "train_images_per_s": throughput.images_per_second,
+        "tested": bool(test_metrics),
+        **({"status": "pruned", "pruned_at_epoch": pruned_at} if pruned_at is not None else {}),
     }
 
 
@@ -168,16 +176,22 @@ def base_source(cfg: DictConfig) -> dict[str, Any]:
 
 
 def save_run_adapter(
-    cfg: DictConfig, method: Any, module: Classifier, best_checkpoint: str | None, fingerprint: str, num_classes: int
+    cfg: DictConfig,
+    method: Any,
+    module: Classifier,
+    best_checkpoint: str | None,
+    tested: bool,
+    fingerprint: str,
+    num_classes: int,
 ) -> dict[str, Any]:
-    """Save the adapter of the weights that were tested (the best checkpoint's) into `<run dir>/adapter/`.
+    """Save the adapter of the best checkpoint's weights into `<run dir>/adapter/`.
 
-    Rank zero only. `trainer.test(ckpt_path=best)` has already put the best weights into the module; without a
-    test they are loaded here. Returns the record fields `adapter_dir` and `adapter_bytes`.
+    Rank zero only. When `tested`, `trainer.test(ckpt_path=best)` has already put the best weights into the
+    module; otherwise they are loaded here. Returns the record fields `adapter_dir` and `adapter_bytes`.
     """
     if rank_zero_only.rank != 0:
         return {}
-    if best_checkpoint and not cfg.test:
+    if best_checkpoint and not tested:
         # The run's own checkpoint, so unpickling its Lightning metadata is safe.
         checkpoint = torch.load(best_checkpoint, map_location="cpu", weights_only=False)
         module.on_load_checkpoint(checkpoint)
@@ -233,6 +247,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     loggers = instantiate_all(cfg.get("logger"))
     callbacks = [FiniteLoss(), *instantiate_all(cfg.get("callbacks")), TrainThroughput()]
+    pruning = trial_pruning(cfg.trial)
+    callbacks += [pruning] if pruning is not None else []
     resume_from = requested_checkpoint(cfg, callbacks)
     record["resumed_from"] = None if resume_from is None else str(resume_from)
     if resume_from is not None and rank_zero_only.rank == 0:
@@ -245,10 +261,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if cfg.perf.cache_prefix:
             datamodule, record["prefix_cache"] = serve_run_prefix_cache(cfg, module, datamodule, fingerprint, trainer)
         log_config(loggers, cfg)
-        record |= fit_and_test(cfg, trainer, module, datamodule, resume_from)
+        record |= {"status": "completed"} | fit_and_test(cfg, trainer, module, datamodule, resume_from)
         record["skipped_images"] = getattr(datamodule, "skipped_images", None)
-        record |= save_run_adapter(cfg, method, module, record["best_checkpoint"], fingerprint, num_classes)
-        record |= {"wall_time_s": time.perf_counter() - started, "status": "completed"}
+        record |= save_run_adapter(
+            cfg, method, module, record["best_checkpoint"], record["tested"], fingerprint, num_classes
+        )
+        record["wall_time_s"] = time.perf_counter() - started
     except DivergedError as err:
         record |= {"status": "diverged", "diverged_at_step": err.step, "error": error_text(err)}
         raise
@@ -266,8 +284,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return record
 
 
-def objective(record: dict[str, Any], param_penalty: float) -> float | None:
-    """The value sweepers maximise: `best_val_acc1 - param_penalty * log10(trainable_params)`.
+def objective(record: dict[str, Any], settings: DictConfig) -> float | list[float] | None:
+    """What a sweeper optimises: `best_val_acc1 - param_penalty * log10(trainable_params)`, or with
+    `settings.pareto` the two values `[best_val_acc1, trainable_params]` (accuracy up, parameters down).
 
     log10, because parameter budgets span orders of magnitude (a rank-1 adapter trains thousands of parameters,
     full fine-tuning ~1e8): `param_penalty` is the validation accuracy (a fraction) each tenfold increase must gain
@@ -276,7 +295,9 @@ def objective(record: dict[str, Any], param_penalty: float) -> float | None:
     accuracy = record["best_val_acc1"]
     if accuracy is None:
         return None
-    return accuracy - param_penalty * math.log10(record["trainable_params"])
+    if settings.pareto:
+        return [accuracy, float(record["trainable_params"])]
+    return accuracy - settings.param_penalty * math.log10(record["trainable_params"])
 
 
 def record_setup_failure(cfg: DictConfig, err: Exception) -> None:
@@ -297,6 +318,7 @@ def record_setup_failure(cfg: DictConfig, err: Exception) -> None:
         **settings,
         "lr": cfg.optim.lr,
         "seed": cfg.seed,
+        "trial": cfg.trial,
         "overrides": list(HydraConfig.get().overrides.task),
         "output_dir": str(cfg.paths.output_dir),
         "status": "failed",
@@ -305,7 +327,9 @@ def record_setup_failure(cfg: DictConfig, err: Exception) -> None:
     write_json_atomic(path, record)
 
 
-@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+# From the resolved file: an editable install links the package's files from elsewhere, and `conf/` sits beside the
+# package in the checkout only.
+@hydra.main(config_path=str(PROJECT_ROOT / "conf"), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     """Run one job and return its objective.
 
@@ -321,7 +345,7 @@ def main(cfg: DictConfig) -> float | None:
     """
     route_hub_logs_to_root()
     try:
-        return objective(run(cfg), cfg.objective.param_penalty)
+        return objective(run(cfg), cfg.objective)
     except SIGTERMException:
         log.warning("stopped by SIGTERM; a run resumes from its last.ckpt with resume=true (the default)")
         raise SystemExit(SIGTERM_EXIT_STATUS) from None

@@ -222,6 +222,7 @@ SWEEP_EXPERIMENTS = {
     "resnet_targets": "resnet50_conv",
     "study": "vit_r8",
     "optuna": "vit_r8",
+    "optuna_pareto": "vit_r8",
 }
 
 
@@ -251,7 +252,7 @@ def test_every_sweep_is_tested_with_its_experiment() -> None:
     assert sorted(SWEEP_EXPERIMENTS) == group_options("sweep")
 
 
-@pytest.mark.parametrize("sweep", [s for s in SWEEP_EXPERIMENTS if s != "optuna"])
+@pytest.mark.parametrize("sweep", [s for s in SWEEP_EXPERIMENTS if not s.startswith("optuna")])
 def test_every_job_of_a_named_sweep_composes_and_applies_to_its_model(sweep: str) -> None:
     exp = SWEEP_EXPERIMENTS[sweep]
     described = []
@@ -306,8 +307,23 @@ def test_optuna_sweep_maximises_with_a_seeded_sampler() -> None:
     assert hydra_cfg.sweeper.sampler._target_ == "optuna.samplers.TPESampler"
     assert hydra_cfg.sweeper.sampler.seed is not None
     assert set(hydra_cfg.sweeper.params) == {"optim.lr", "lora.rank", "lora.alpha", "lora.targets"}
+    # The study is kept in its sweep directory, which is named by the study (not the time) so that the same
+    # command continues it, and each trial's run directory is its number.
+    raw = OmegaConf.to_container(hydra_cfg, resolve=False)
+    assert raw["sweeper"]["storage"] == "sqlite:///${hydra.sweep.dir}/optuna.db"
+    assert raw["sweep"]["dir"].endswith("/optuna/${hydra.sweeper.study_name}")
+    assert raw["sweep"]["subdir"] == "${trial}"
+    assert hydra_cfg.sweeper.pruner is None
     with composed("+exp=vit_r8", "+sweep=optuna") as cfg:
-        assert cfg.objective.param_penalty == 0.0
+        assert cfg.objective.param_penalty == 0.0 and not cfg.objective.pareto
+
+
+def test_pareto_search_returns_two_objectives_to_two_directions() -> None:
+    hydra_cfg = sweep_config("vit_r8", "optuna_pareto").hydra
+    assert list(hydra_cfg.sweeper.direction) == ["maximize", "minimize"]
+    assert hydra_cfg.sweeper.study_name == "vit_r8_pareto"
+    with composed("+exp=vit_r8", "+sweep=optuna_pareto") as cfg:
+        assert cfg.objective.pareto
 
 
 def test_slurm_launcher_composes() -> None:

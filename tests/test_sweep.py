@@ -73,7 +73,11 @@ def test_a_failed_job_is_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None:
     log = (sweep_dir / "0" / "train.log").read_text()
     assert "job failed, the sweep goes on: LoRAConfigError" in log and "Traceback" not in log  # a user error
     report = (sweep_dir / "report.md").read_text()
-    assert len(table_rows(sweep_dir / "report.md")) == 2 and "1 (1 failed)" in report and "Failed runs:" in report
+    assert (
+        len(table_rows(sweep_dir / "report.md")) == 2
+        and "1 (1 failed)" in report
+        and "Runs that did not complete:" in report
+    )
 
 
 def test_a_failed_single_run_still_exits_non_zero(tmp_path: Path) -> None:

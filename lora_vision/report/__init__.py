@@ -12,6 +12,7 @@ from pathlib import Path
 from lora_vision.errors import MissingInputError
 from lora_vision.report.collect import Row, aggregate, find_results, load_records
 from lora_vision.report.plot import plot
+from lora_vision.report.search_front import front_markdown, load_search_front
 from lora_vision.report.table import markdown, to_csv
 from lora_vision.results import write_atomic
 
@@ -25,17 +26,23 @@ class Report:
 
 
 def build_report(paths: list[str | Path], out_dir: str | Path, title: str | None = None) -> Report:
-    """Aggregate the runs below `paths` and write the table (Markdown, CSV) and plot into `out_dir`."""
+    """Aggregate the runs below `paths` and write the table (Markdown, CSV) and plot into `out_dir`.
+
+    A directory that holds a two-objective search's `pareto_front.yaml` adds the search's front to both.
+    """
     files = find_results(paths)
     if not files:
         raise MissingInputError(f"no results.json below {', '.join(map(str, paths))}")
-    rows = aggregate(load_records(files))
+    records = load_records(files)
+    rows = aggregate(records)
+    front = load_search_front([Path(p) for p in paths if Path(p).is_dir()], records)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     heading = f"# {title}\n\n" if title else ""
-    md = write_atomic(out / "report.md", heading + markdown(rows))
+    md = write_atomic(out / "report.md", heading + markdown(rows) + front_markdown(front))
     csv = write_atomic(out / "report.csv", to_csv(rows))
-    return Report(rows, md, csv, plot(rows, out / "report.png", title))
+    ringed = [(t.trainable_params, 100 * t.test_acc1) for t in front if t.test_acc1 is not None]
+    return Report(rows, md, csv, plot(rows, out / "report.png", title, ringed))
 
 
 __all__ = ["Report", "build_report"]

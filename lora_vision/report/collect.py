@@ -28,8 +28,10 @@ VARIANT_LABELS = {"lora": "LoRA", **{v.name: v.label for v in VARIANTS}, "lorapl
 # Fields that describe what was run (the LoRA ones from LoraConfig). Runs equal in all of them except the seed form
 # one row.
 CONFIG_FIELDS = ("experiment", "model", "data", "image_size", "method", *RECORDED, "lr", "batch_size", "max_epochs")
-# The `status` of a run stopped by a NaN/inf training loss (lora_vision.callbacks.FiniteLoss).
+# The `status` of a run stopped by a NaN/inf training loss (lora_vision.callbacks.FiniteLoss), and of a search
+# trial stopped by the study's pruner (lora_vision.search.pruning).
 DIVERGED = "diverged"
+PRUNED = "pruned"
 METRICS = ("best_val_acc1", "test_acc1", "test_acc5", "wall_time_s", "trainable_params", "trainable_percent")
 
 
@@ -67,9 +69,12 @@ class Row:
 
     @property
     def outcome(self) -> str:
-        """What a row without results shows: `diverged` when every failed run diverged (too high a learning
-        rate, a finding of the sweep), else `failed`."""
-        return DIVERGED if self.statuses and all(s == DIVERGED for s in self.statuses) else "failed"
+        """What a row without results shows: `diverged` when every run that did not complete diverged (too high a
+        learning rate, a finding of the sweep), `pruned` when the search stopped them all early, else `failed`."""
+        for status in (DIVERGED, PRUNED):
+            if self.statuses and all(s == status for s in self.statuses):
+                return status
+        return "failed"
 
     @property
     def label(self) -> str:
@@ -96,6 +101,8 @@ def _completed(record: dict[str, Any]) -> bool:
 def _failure(record: dict[str, Any]) -> str:
     if record.get("status") == DIVERGED:
         return f"diverged at step {record.get('diverged_at_step')}"
+    if record.get("status") == PRUNED:
+        return f"pruned by the search after epoch {record.get('pruned_at_epoch')}"
     return str(record.get("error") or record.get("status"))
 
 

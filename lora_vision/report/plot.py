@@ -38,8 +38,14 @@ def _point(row: Row) -> tuple[float, float, float] | None:
     return params.mean, 100 * acc.mean, 100 * (acc.std or 0.0)
 
 
-def plot(rows: list[Row], path: Path, title: str | None = None) -> Path:
-    """Write the accuracy-vs-parameters PNG; each LoRA target set is one line, its points labelled by rank."""
+def plot(
+    rows: list[Row], path: Path, title: str | None = None, ringed: list[tuple[float, float]] | None = None
+) -> Path:
+    """Write the accuracy-vs-parameters PNG; each LoRA target set is one line, its points labelled by rank.
+
+    `ringed` points (trainable parameters, test accuracy in %) are circled: a search's own Pareto front, chosen on
+    validation accuracy.
+    """
     fig, ax = plt.subplots(figsize=(8.5, 5.2), dpi=150)
     # Rows of several experiments, models or input sizes in one report would otherwise share a line.
     qualifiers = [field for field in SERIES_QUALIFIERS if len({row.config.get(field) for row in rows}) > 1]
@@ -86,6 +92,18 @@ def plot(rows: list[Row], path: Path, title: str | None = None) -> Path:
             label = f"Pareto frontier ({prefix})" if prefix else "Pareto frontier"
             dashes = FRONTIER_DASHES[index % len(FRONTIER_DASHES)]
             ax.step(fx, fy, where="post", color="0.55", dashes=dashes, linewidth=1, zorder=0, label=label)
+    if ringed:
+        rx, ry = zip(*ringed, strict=True)
+        ax.scatter(
+            rx,
+            ry,
+            s=160,
+            facecolors="none",
+            edgecolors="black",
+            linewidths=1.2,
+            zorder=3,
+            label="search's Pareto front (on validation)",
+        )
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (count, log scale)")
     ax.set_ylabel("test top-1 accuracy (%)")

@@ -94,7 +94,7 @@ def markdown(rows: list[Row]) -> str:
         lines.append("| " + " | ".join([*cells, runs]) + " |")
     failures = [f for row in rows for f in row.failures]
     if failures:
-        lines += ["", "Failed runs:", "", *(f"- {f}" for f in failures)]
+        lines += ["", "Runs that did not complete:", "", *(f"- {f}" for f in failures)]
     return "\n".join(lines) + "\n"
 
 

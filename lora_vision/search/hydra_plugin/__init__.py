@@ -1,0 +1,12 @@
+"""Installed as `hydra_plugins.lora_vision_optuna` (see pyproject.toml): Hydra discovers plugins only in the
+`hydra_plugins` namespace package and instantiates only sweeper classes defined there. Loading it registers the
+`hydra/sweeper=optuna` configs."""
+
+from lora_vision.search.config import register_configs
+from lora_vision.search.sweeper import OptunaSweeper as _OptunaSweeper
+
+register_configs()
+
+
+class OptunaSweeper(_OptunaSweeper):
+    """lora_vision's Optuna sweeper (`lora_vision.search.sweeper`) under the name Hydra accepts."""

@@ -1,0 +1,48 @@
+"""Where a study lives: the storage string of the sweeper's config, opened the same way by the sweeper and by
+every trial that reports to it."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import optuna
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage
+from optuna.storages.journal import JournalFileBackend
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+# Seconds an SQLite writer waits for another worker's transaction instead of failing with "database is locked";
+# trials are minutes apart, so a long wait costs nothing.
+SQLITE_TIMEOUT_S = 60
+# Workers started together all find a new database and create its tables at once; all but one fail ("table
+# alembic_version already exists") and open it again once the winner is done.
+CREATE_ATTEMPTS = 5
+
+
+def open_storage(storage: str | None) -> BaseStorage | None:
+    """A database URL (`sqlite:///...`, `postgresql://...`) or a journal file path; None stays in memory.
+
+    The same spelling `optuna-dashboard` takes, so the dashboard reads a study from the value given here.
+    """
+    if storage is None:
+        return None
+    if "://" not in storage:
+        Path(storage).parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(storage))
+    engine_kwargs = {}
+    if storage.startswith("sqlite:///"):
+        Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
+    attempt = 1
+    while True:
+        try:
+            return RDBStorage(storage, engine_kwargs=engine_kwargs)
+        except (IntegrityError, OperationalError):
+            if attempt == CREATE_ATTEMPTS:
+                raise
+            time.sleep(0.5 * attempt)
+            attempt += 1
+
+
+def load_study(storage: str, study_name: str, pruner: optuna.pruners.BasePruner | None = None) -> optuna.Study:
+    return optuna.load_study(study_name=study_name, storage=open_storage(storage), pruner=pruner)
