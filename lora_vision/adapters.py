@@ -303,10 +303,17 @@ def _check_tensors(expected: Mapping[str, Tensor], provided: Mapping[str, Tensor
 def load_adapter(path: str | Path, base_model: nn.Module) -> nn.Module:
     """Apply the adapter at `path` (directory or one of its files) to `base_model` in place; return it in eval mode.
 
+    A PEFT adapter directory (`adapter_config.json`) is applied through `lora_vision.peft_format`.
+
     The base is checked first (architecture, class count, tensor structure, weight fingerprint) and refused with
     `AdapterMismatchError` naming the difference. Then the recorded method is applied and the saved tensors are
     loaded strictly: every saved tensor is used and every adapter tensor is provided.
     """
+    # Imported here: lora_vision.peft_format builds on this module.
+    from lora_vision.peft_format import is_peft_adapter, load_peft_adapter
+
+    if is_peft_adapter(path):
+        return load_peft_adapter(path, base_model)
     directory = adapter_directory(path)
     meta = read_adapter_meta(directory)
     _check_base(meta, base_model)
@@ -332,6 +339,42 @@ def check_base_source(meta: Mapping[str, Any], checkpoint: str | Path | None) ->
         )
 
 
+def build_recorded_base(
+    meta: Mapping[str, Any], checkpoint: str | Path | None = None, pretrained: bool | None = None
+) -> nn.Module:
+    """The base model an adapter's meta records, from its recorded source unless `checkpoint` or `pretrained` say
+    otherwise. A randomly initialised base is drawn from the recorded seed: call inside `torch.random.fork_rng`."""
+    check_base_source(meta, checkpoint)
+    source = meta["base_source"]
+    if _seeded_base(meta, checkpoint, pretrained) and source.get("seed") is not None:
+        torch.manual_seed(source["seed"])
+    pretrained = source["pretrained"] if pretrained is None else pretrained
+    checkpoint = checkpoint or source.get("checkpoint")
+    return build_model(
+        meta["model_name"],
+        num_classes=meta["num_classes"],
+        pretrained=pretrained,
+        checkpoint=checkpoint,
+        kwargs=meta["model_kwargs"],
+        zero_init_head=False,
+    )
+
+
+def _seeded_base(meta: Mapping[str, Any], checkpoint: str | Path | None, pretrained: bool | None) -> bool:
+    """Whether `build_recorded_base` draws the base from the recorded seed (no pretrained weights, no checkpoint)."""
+    source = meta["base_source"]
+    pretrained = source["pretrained"] if pretrained is None else pretrained
+    return not pretrained and (checkpoint or source.get("checkpoint")) is None
+
+
+def _seed_hint(err: BaseWeightsMismatchError) -> BaseWeightsMismatchError:
+    return BaseWeightsMismatchError(
+        f"{err}. The base was randomly initialised (model.pretrained=false) and could not be recreated from its seed; "
+        "give the weights it started from with a checkpoint (--checkpoint / checkpoint=PATH), or train from "
+        "pretrained weights or a model.checkpoint so the base can be rebuilt"
+    )
+
+
 def load_adapted_model(
     path: str | Path, checkpoint: str | Path | None = None, pretrained: bool | None = None
 ) -> tuple[nn.Module, dict[str, Any]]:
@@ -339,33 +382,25 @@ def load_adapted_model(
 
     The base comes from the recorded source unless overridden: `checkpoint` (a local weights file) or `pretrained`.
     A randomly initialised base is recreated from the recorded seed, which gives the same weights only if nothing
-    drew random numbers before the model was built; the fingerprint check tells.
+    drew random numbers before the model was built; the fingerprint check tells. A PEFT adapter directory
+    (`adapter_config.json`) is read through `lora_vision.peft_format`.
     """
-    meta = read_adapter_meta(path)
-    check_base_source(meta, checkpoint)
-    source = meta["base_source"]
-    pretrained = source["pretrained"] if pretrained is None else pretrained
-    checkpoint = checkpoint or source.get("checkpoint")
+    # Imported here: lora_vision.peft_format builds on this module.
+    from lora_vision.peft_format import is_peft_adapter, load_peft_adapted_model, peft_record
+
+    if is_peft_adapter(path):
+        meta = peft_record(path)
+        if meta is None:  # made by PEFT: the base is what its config names
+            return load_peft_adapted_model(path, checkpoint=checkpoint, pretrained=pretrained)
+    else:
+        meta = read_adapter_meta(path)
     # Rebuilding draws random numbers (a random-init base, new adapter factors before they are overwritten); the
     # caller's random stream stays as it was.
     with torch.random.fork_rng(devices=[]):
-        if not pretrained and checkpoint is None and source.get("seed") is not None:
-            torch.manual_seed(source["seed"])
-        base = build_model(
-            meta["model_name"],
-            num_classes=meta["num_classes"],
-            pretrained=pretrained,
-            checkpoint=checkpoint,
-            kwargs=meta["model_kwargs"],
-            zero_init_head=False,
-        )
+        base = build_recorded_base(meta, checkpoint, pretrained)
         try:
             return load_adapter(path, base), meta
         except BaseWeightsMismatchError as err:
-            if pretrained or checkpoint is not None:
+            if not _seeded_base(meta, checkpoint, pretrained):
                 raise
-            raise BaseWeightsMismatchError(
-                f"{err}. The base was randomly initialised (model.pretrained=false) and could not be recreated from "
-                "its seed; give the weights it started from with a checkpoint (--checkpoint / checkpoint=PATH), or "
-                "train from pretrained weights or a model.checkpoint so the base can be rebuilt"
-            ) from None
+            raise _seed_hint(err) from None

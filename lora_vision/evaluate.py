@@ -40,6 +40,7 @@ from lora_vision.errors import UserError, user_errors_as_messages
 from lora_vision.export import load_merged, merged_directory, read_merged_meta
 from lora_vision.models import model_data_config
 from lora_vision.module import accuracy_metrics
+from lora_vision.peft_format import is_peft_adapter, peft_meta
 from lora_vision.results import PROJECT_ROOT, versions, write_json_atomic
 
 CONF_DIR = PROJECT_ROOT / "conf"
@@ -47,7 +48,8 @@ SPLITS = ("test", "val")
 _SPLIT_STAGES = {"test": "test", "val": "validate"}
 EXPECTED_SOURCES = (
     "a training run directory (with .hydra/ and adapter/), an adapter directory or its adapter.safetensors / "
-    "adapter.json, or a merged export directory or its model.safetensors / model.json"
+    "adapter.json, a merged export directory or its model.safetensors / model.json, or a PEFT adapter directory "
+    "(adapter_config.json, adapter_model.safetensors)"
 )
 
 
@@ -131,6 +133,9 @@ def locate_source(source: str | Path) -> Source:
             )
         directory = adapter_directory(path / ADAPTER_DIR)
         return Source(path, "run", directory, path, read_adapter_meta(directory))
+    if is_peft_adapter(path):
+        directory = path.parent if path.is_file() else path
+        return Source(path, "peft", directory, directory, peft_meta(directory))
     for kind, find in (("adapter", adapter_directory), ("merged", merged_directory)):
         try:
             directory = find(path)

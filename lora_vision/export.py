@@ -1,7 +1,10 @@
-"""Merged export: an adapted model as plain timm weights, loadable without lora_vision.
+"""Export: an adapted model as plain timm weights loadable without lora_vision, or as a PEFT adapter.
 
-`python -m lora_vision.export SOURCE --out DIR [--checkpoint BASE_WEIGHTS]` rebuilds the adapted model of a run
-directory or adapter (see `lora_vision.adapters`), folds the adapters into the base weights and writes
+`python -m lora_vision.export SOURCE --out DIR [--format merged|peft] [--checkpoint BASE_WEIGHTS]` rebuilds the
+adapted model of a run directory or adapter (ours or PEFT's, see `lora_vision.adapters` and
+`lora_vision.peft_format`). `--format peft` writes PEFT's `adapter_config.json` and `adapter_model.safetensors`
+(see `lora_vision.peft_format` for what maps to what). The default, merged, folds the adapters into the base
+weights and writes
 
 - ``model.safetensors``: the state dict of the plain timm architecture;
 - ``model.json``: model name, create kwargs, class count, timm data config and the exact load call.
@@ -28,6 +31,7 @@ from lora_vision.adapters import load_adapted_model, read_meta
 from lora_vision.errors import MissingInputError, user_errors_as_messages
 from lora_vision.lora import merge_and_unload
 from lora_vision.models import model_data_config
+from lora_vision.peft_format import save_peft_adapter
 from lora_vision.results import versions, write_atomic
 
 MODEL_TENSORS = "model.safetensors"
@@ -150,7 +154,7 @@ def export_adapter(source: str | Path, out: str | Path, checkpoint: str | Path |
     model, meta = load_adapted_model(source, checkpoint=checkpoint)
     data = meta.get("data")
     data_config = model_data_config(model, data["image_size"], data.get("crop_pct")) if data else None
-    provenance = {key: meta[key] for key in ("base_fingerprint", "base_source", "method")}
+    provenance = {key: meta.get(key) for key in ("base_fingerprint", "base_source", "method")}
     return export_merged(
         model,
         out,
@@ -163,15 +167,34 @@ def export_adapter(source: str | Path, out: str | Path, checkpoint: str | Path |
     )
 
 
+def export_peft(source: str | Path, out: str | Path, checkpoint: str | Path | None = None) -> Path:
+    """Rebuild the adapted model of a run directory or adapter and write it as a PEFT adapter into `out`."""
+    model, meta = load_adapted_model(source, checkpoint=checkpoint)
+    return save_peft_adapter(model, out, meta)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m lora_vision.export", description="Merge an adapter into its base and export plain timm weights."
     )
     parser.add_argument("source", help="a training run directory, or an adapter directory or file")
-    parser.add_argument("--out", required=True, help="directory to write model.safetensors and model.json into")
+    parser.add_argument("--out", required=True, help="directory to write the export into")
+    parser.add_argument(
+        "--format",
+        choices=("merged", "peft"),
+        default="merged",
+        help="merged: plain timm weights (model.safetensors, model.json); peft: a PEFT LoRA adapter directory",
+    )
     parser.add_argument("--checkpoint", help="base weights file, when the recorded one is not available here")
     args = parser.parse_args(argv)
     with user_errors_as_messages(parser.prog):
+        if args.format == "peft":
+            directory = export_peft(args.source, args.out, args.checkpoint)
+            print(
+                f"exported to {directory}\nload with:\n  from peft import PeftModel\n"
+                f"  model = PeftModel.from_pretrained(timm.create_model(NAME, num_classes=N, ...), {str(directory)!r})"
+            )
+            return
         directory = export_adapter(args.source, args.out, args.checkpoint)
     meta = json.loads((directory / MODEL_META).read_text())
     print(f"exported to {directory}\nload with:\n  import timm\n  model = {meta['load']}")
