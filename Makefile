@@ -15,7 +15,7 @@ PACKAGE_DIRS := $(shell find lora_vision -type d -not -name __pycache__)
 EXP ?= vit_r8
 ARGS ?=
 
-.PHONY: install test lint train bench clean
+.PHONY: install test test-gpu lint train bench clean
 
 install: $(STAMP)
 
@@ -31,6 +31,10 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+# The CUDA tests alone (tests/test_gpu.py); without a GPU they skip, with the reason.
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest -q -m gpu -rs
 
 train: $(STAMP)
 	$(BIN)/python -m lora_vision.train +exp=$(EXP) $(ARGS)

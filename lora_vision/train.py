@@ -110,6 +110,7 @@ def base_record(cfg: DictConfig, method: Any, summary: Any, num_classes: int) ->
         "model": cfg.model.name,
         **method.describe(),
         "data": cfg.data._target_.rsplit(".", 1)[-1],
+        **{key: cfg.data[key] for key in ("task", "protocol") if key in cfg.data},
         "image_size": cfg.data.image_size,
         "num_classes": num_classes,
         "trainable_params": summary.trainable,
@@ -157,9 +158,18 @@ def fit_and_test(
         "steps": trainer.global_step,
         "best_checkpoint": best_path or None,
         "train_images_per_s": throughput.images_per_second,
+        "peak_gpu_memory_mib": peak_gpu_memory_mib(trainer),
         "tested": bool(test_metrics),
         **({"status": "pruned", "pruned_at_epoch": pruned_at} if pruned_at is not None else {}),
     }
+
+
+def peak_gpu_memory_mib(trainer: L.Trainer) -> float | None:
+    """The most CUDA memory this process held for tensors during the run (MiB); None off the GPU."""
+    device = trainer.strategy.root_device
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**20
 
 
 def base_source(cfg: DictConfig) -> dict[str, Any]:

@@ -18,11 +18,13 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from PIL import Image
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lora_vision.adapters import save_adapter, weights_fingerprint
 from lora_vision.cli import canonical_overrides
+from lora_vision.data import VTAB1K_TASK_NAMES
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -134,3 +136,27 @@ def multirun(sweep_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
 def records(sweep_dir: Path) -> dict[str, dict]:
     """results.json of every job, by job directory name."""
     return {p.parent.name: json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/results.json"))}
+
+
+# Images per list of the miniature VTAB-1k layout; train800val200.txt lists the train800 and val200 images.
+MINI_VTAB1K_IMAGES = {"train800": 4, "val200": 2, "test": 4}
+
+
+def make_vtab1k_layout(root: Path) -> Path:
+    """A miniature of the released VTAB-1k layout in `root`: for each of the 19 tasks a few 12 px JPEGs under
+    images/<list>/ and the four list files, labels alternating 0 and 1."""
+    generator = torch.Generator().manual_seed(0)
+    for task in VTAB1K_TASK_NAMES:
+        lines: dict[str, list[str]] = {}
+        for name, count in MINI_VTAB1K_IMAGES.items():
+            folder = root / task / "images" / name
+            folder.mkdir(parents=True)
+            lines[name] = []
+            for index in range(count):
+                pixels = torch.randint(0, 256, (12, 12, 3), generator=generator, dtype=torch.uint8)
+                Image.fromarray(pixels.numpy()).save(folder / f"{index:06d}.jpg")
+                lines[name].append(f"images/{name}/{index:06d}.jpg {index % 2}")
+        lines["train800val200"] = lines["train800"] + lines["val200"]
+        for name, entries in lines.items():
+            (root / task / f"{name}.txt").write_text("\n".join(entries) + "\n")
+    return root

@@ -223,6 +223,7 @@ SWEEP_EXPERIMENTS = {
     "study": "vit_r8",
     "optuna": "vit_r8",
     "optuna_pareto": "vit_r8",
+    "vtab1k": "vtab1k_vit_b16_lora_qv",
 }
 
 
@@ -265,7 +266,7 @@ def test_every_job_of_a_named_sweep_composes_and_applies_to_its_model(sweep: str
             # The target presets must match layers of the experiment's backbone, not just parse (any head size will do).
             model = copy.deepcopy(random_init_model(cfg.model.name, 100, cfg.data.image_size))
             assert method.apply(model).trainable > 0
-            described.append(method.describe())
+            described.append({**method.describe(), "task": cfg.data.get("task")})
     assert len({str(d) for d in described}) == len(described)  # each point once
     if sweep == "study":
         methods = [d["method"] for d in described]

@@ -19,6 +19,7 @@ from lora_vision.data.cifar import (
 )
 from lora_vision.data.errors import DataOptionError, DatasetFormatError, DatasetNotFoundError
 from lora_vision.data.image_folder import FolderDataModule, ImageFolderDataModule
+from lora_vision.data.image_list import ImageList, read_image_list
 from lora_vision.data.imagenet import ImageNetSubsetDataModule
 from lora_vision.data.imagenet_subsets import (
     IMAGENET100,
@@ -31,6 +32,9 @@ from lora_vision.data.imagenet_subsets import (
 )
 from lora_vision.data.synthetic import SyntheticDataModule, SyntheticImageDataset
 from lora_vision.data.transforms import DEFAULT_DATA_CONFIG, build_transform
+from lora_vision.data.vtab1k import VTab1kDataModule
+from lora_vision.data.vtab1k_tasks import TASK_NAMES as VTAB1K_TASK_NAMES
+from lora_vision.data.vtab1k_tasks import TASKS as VTAB1K_TASKS
 
 __all__ = [
     "CIFAR10_CLASSES",
@@ -40,6 +44,8 @@ __all__ = [
     "IMAGENETTE",
     "IMAGEWOOF",
     "PRESETS",
+    "VTAB1K_TASKS",
+    "VTAB1K_TASK_NAMES",
     "BatchTransform",
     "CIFAR10DataModule",
     "CIFAR100DataModule",
@@ -50,12 +56,15 @@ __all__ = [
     "FolderDataModule",
     "ImageDataModule",
     "ImageFolderDataModule",
+    "ImageList",
     "ImageNetSubsetDataModule",
     "SyntheticDataModule",
     "SyntheticImageDataset",
+    "VTab1kDataModule",
     "build_transform",
     "extract_archive",
     "imagenet_class_name",
     "imagenet_index",
     "imagenet_wnids",
+    "read_image_list",
 ]

@@ -14,6 +14,7 @@ from lora_vision.report.collect import Row, aggregate, find_results, load_record
 from lora_vision.report.plot import plot
 from lora_vision.report.search_front import front_markdown, load_search_front
 from lora_vision.report.table import markdown, to_csv
+from lora_vision.report.vtab1k import vtab1k_markdown
 from lora_vision.results import write_atomic
 
 
@@ -28,7 +29,8 @@ class Report:
 def build_report(paths: list[str | Path], out_dir: str | Path, title: str | None = None) -> Report:
     """Aggregate the runs below `paths` and write the table (Markdown, CSV) and plot into `out_dir`.
 
-    A directory that holds a two-objective search's `pareto_front.yaml` adds the search's front to both.
+    Runs of VTAB-1k tasks add the benchmark's table (`lora_vision.report.vtab1k`) to the Markdown; a directory that
+    holds a two-objective search's `pareto_front.yaml` adds the search's front to both.
     """
     files = find_results(paths)
     if not files:
@@ -39,7 +41,7 @@ def build_report(paths: list[str | Path], out_dir: str | Path, title: str | None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     heading = f"# {title}\n\n" if title else ""
-    md = write_atomic(out / "report.md", heading + markdown(rows) + front_markdown(front))
+    md = write_atomic(out / "report.md", heading + markdown(rows) + vtab1k_markdown(rows) + front_markdown(front))
     csv = write_atomic(out / "report.csv", to_csv(rows))
     ringed = [(t.trainable_params, 100 * t.test_acc1) for t in front if t.test_acc1 is not None]
     return Report(rows, md, csv, plot(rows, out / "report.png", title, ringed))

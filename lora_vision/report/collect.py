@@ -25,9 +25,21 @@ METHOD_ORDER = {"linear_probe": 0, "bitfit": 1, "lora": 2, "full": 3}
 BASELINE_LABELS = {"linear_probe": "linear probe", "bitfit": "BitFit", "full": "full fine-tuning"}
 VARIANT_LABELS = {"lora": "LoRA", **{v.name: v.label for v in VARIANTS}, "loraplus": "LoRA+"}
 
-# Fields that describe what was run (the LoRA ones from LoraConfig). Runs equal in all of them except the seed form
-# one row.
-CONFIG_FIELDS = ("experiment", "model", "data", "image_size", "method", *RECORDED, "lr", "batch_size", "max_epochs")
+# Fields that describe what was run (the LoRA ones from LoraConfig; `task` and `protocol` of datasets with several
+# tasks, such as VTAB-1k). Runs equal in all of them except the seed form one row.
+CONFIG_FIELDS = (
+    "experiment",
+    "model",
+    "data",
+    "task",
+    "protocol",
+    "image_size",
+    "method",
+    *RECORDED,
+    "lr",
+    "batch_size",
+    "max_epochs",
+)
 # The `status` of a run stopped by a NaN/inf training loss (lora_vision.callbacks.FiniteLoss), and of a search
 # trial stopped by the study's pruner (lora_vision.search.pruning).
 DIVERGED = "diverged"

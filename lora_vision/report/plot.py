@@ -26,6 +26,7 @@ TITLE_WIDTH = 70
 # Config fields that name a series when a report's rows differ in them, and how each reads in the legend.
 SERIES_QUALIFIERS = {
     "experiment": str,
+    "task": str,
     "model": str,
     "image_size": lambda size: f"{size} px",
 }

@@ -26,10 +26,16 @@ COLUMNS = (
 )
 # Settings shown, after the model, only when a report's rows differ in them (a study at two input sizes, a
 # learning-rate search).
-VARYING = (("experiment", "experiment"), ("image size", "image_size"), ("lr", "lr"))
+VARYING = (
+    ("experiment", "experiment"),
+    ("task", "task"),
+    ("protocol", "protocol"),
+    ("image size", "image_size"),
+    ("lr", "lr"),
+)
 # Rows compared with each other's baselines share these settings (not the experiment name: sweeps that name their
 # arms, such as a scale rule per arm, still share one probe and one full fine-tuning).
-SETTING = ("model", "data", "image_size", "max_epochs")
+SETTING = ("model", "data", "task", "protocol", "image_size", "max_epochs")
 GAP_HEADER = "gap closed (%)"
 
 
@@ -101,7 +107,8 @@ def markdown(rows: list[Row]) -> str:
 def to_csv(rows: list[Row]) -> str:
     """Raw numbers (fractions, not percent) with mean, std and count for each metric."""
     config_fields = [f for _, f, k in COLUMNS if k == "config"]
-    config_fields += [f for f in RECORDED if f not in config_fields] + ["experiment", "data", "image_size", "lr"]
+    config_fields += [f for f in RECORDED if f not in config_fields]
+    config_fields += ["experiment", "data", "task", "protocol", "image_size", "lr"]
     metric_fields = [f for _, f, k in COLUMNS if k != "config"]
     header = [*config_fields, *(f"{m}_{s}" for m in metric_fields for s in ("mean", "std", "n"))]
     header += ["gap_closed_percent", "runs", "failed"]
