@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ from lora_vision.adapters import FORMAT as ADAPTER_FORMAT
 from lora_vision.adapters import (
     AdapterMismatchError,
     _check_base,
+    _lora_layers,
     adapter_keys,
     load_adapted_model,
 )
@@ -56,6 +58,8 @@ PEFT_TENSORS = "adapter_model.safetensors"
 # The lora_vision record of an exported adapter, beside PEFT's files.
 SIDE_META = "lora_vision_adapter.json"
 PEFT_VERSIONS = ">=0.21,<1"
+# LoraConfig's default lora_alpha, for a config file that leaves it out.
+PEFT_DEFAULT_ALPHA = 8
 PREFIX = "base_model.model."
 A_KEY, B_KEY, MAGNITUDE_KEY = ".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector"
 # PEFT initialisations that change the base weights themselves: the adapter alone does not reproduce the model.
@@ -174,10 +178,6 @@ def from_peft_layer(name: str, layer: LoRALayer, peft: PeftLayer) -> None:
         layer.lora_magnitude.copy_(rows[list(used)])
 
 
-def _lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALayer)}
-
-
 def _most_common(values: list[Any]) -> Any:
     return Counter(values).most_common(1)[0][0]
 
@@ -268,15 +268,24 @@ def peft_meta(directory: Path) -> dict[str, Any]:
     record = peft_record(directory)
     if record is not None:
         return record
-    config = json.loads((directory / PEFT_CONFIG).read_text())
+    config = _read_config(directory)
     return {"model_name": config.get("base_model_name_or_path"), "model_kwargs": {}, "data": None}
+
+
+def _read_config(directory: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((directory / PEFT_CONFIG).read_text())
+    except json.JSONDecodeError as err:
+        raise PeftFormatError(f"{directory / PEFT_CONFIG} is not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise PeftFormatError(f"{directory / PEFT_CONFIG} holds {type(config).__name__}, not a PEFT config object")
+    return config
 
 
 def _read(directory: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     if not (directory / PEFT_TENSORS).is_file():
         raise MissingInputError(f"{directory} has {PEFT_CONFIG} but no {PEFT_TENSORS}")
-    config = json.loads((directory / PEFT_CONFIG).read_text())
-    return config, safetensors.torch.load_file(directory / PEFT_TENSORS)
+    return _read_config(directory), safetensors.torch.load_file(directory / PEFT_TENSORS)
 
 
 def _check_config(config: dict[str, Any], directory: Path) -> None:
@@ -301,12 +310,18 @@ def _check_config(config: dict[str, Any], directory: Path) -> None:
         raise PeftFormatError(f"{directory / PEFT_CONFIG}: unsupported PEFT settings: {'; '.join(problems)}")
 
 
+def _pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
+    """The value of the first pattern that matches module `name`, as PEFT's `get_pattern_key` matches: the key is
+    a regular expression for the name's end (`qkv` matches `blocks.0.attn.qkv`)."""
+    return next((value for key, value in patterns.items() if re.match(rf"(.*\.)?({key})$", name)), default)
+
+
 def _peft_layers(config: dict[str, Any], tensors: dict[str, Tensor], head: str | None) -> dict[str, PeftLayer]:
     """The adapted modules in PEFT's tensors, with each one's lora_alpha; anything else must be the head."""
     names = sorted({key[len(PREFIX) : -len(A_KEY)] for key in tensors if key.endswith(A_KEY)})
     layers = {}
     for name in names:
-        alpha = config.get("alpha_pattern", {}).get(name, config["lora_alpha"])
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", PEFT_DEFAULT_ALPHA))
         magnitude = tensors.get(PREFIX + name + MAGNITUDE_KEY)
         layers[name] = PeftLayer(tensors[PREFIX + name + A_KEY], tensors[PREFIX + name + B_KEY], alpha, magnitude)
     known = {PREFIX + name + suffix for name in names for suffix in (A_KEY, B_KEY, MAGNITUDE_KEY)}

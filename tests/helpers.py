@@ -25,6 +25,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from lora_vision.adapters import save_adapter, weights_fingerprint
 from lora_vision.cli import canonical_overrides
 from lora_vision.data import VTAB1K_TASK_NAMES
+from lora_vision.lora import LoRALinear
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -160,3 +161,8 @@ def make_vtab1k_layout(root: Path) -> Path:
         for name, entries in lines.items():
             (root / task / f"{name}.txt").write_text("\n".join(entries) + "\n")
     return root
+
+
+def composed_forward(layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:
+    """The layer's function built from plain torch ops (LoRALayer.forward), the reference for the fused node."""
+    return super(LoRALinear, layer).forward(x)

@@ -22,7 +22,7 @@ from lora_vision.data.batched import BatchTransform
 from lora_vision.export import export_merged, load_merged
 from lora_vision.lora import LoRALayer, LoRALinear, merge_lora, unmerge_lora
 from lora_vision.methods import LoRA
-from tests.helpers import VIT_KWARGS, launch, perturb_trainable, randomize_adapters, tiny_vit
+from tests.helpers import VIT_KWARGS, composed_forward, launch, perturb_trainable, randomize_adapters, tiny_vit
 
 pytestmark = pytest.mark.gpu
 
@@ -45,11 +45,6 @@ def device() -> torch.device:
 def autocast(device: torch.device, mode: str) -> torch.autocast:
     dtype = MODES[mode]
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
-
-
-def composed_forward(layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:
-    """The same function from plain torch ops (LoRALayer.forward)."""
-    return super(LoRALinear, layer).forward(x)
 
 
 def dense_forward(layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:

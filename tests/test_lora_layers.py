@@ -12,7 +12,7 @@ from timm.layers import Conv2dSame
 from torch import nn
 
 from lora_vision.lora import LoRAConfigError, LoRAConv2d, LoRALinear
-from tests.helpers import randomize_adapters
+from tests.helpers import composed_forward, randomize_adapters
 
 CONVS = {
     "3x3": lambda: nn.Conv2d(8, 16, 3, padding=1),
@@ -162,11 +162,6 @@ def test_training_a_merged_layer_is_refused() -> None:
 def test_bad_hyperparameters_are_refused(kwargs: dict, message: str) -> None:
     with pytest.raises(LoRAConfigError, match=message):
         LoRALinear(nn.Linear(4, 4), **kwargs)
-
-
-def composed_forward(layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:
-    """The layer's function built from plain torch ops (LoRALayer.forward), the reference for the fused node."""
-    return super(LoRALinear, layer).forward(x)
 
 
 @pytest.mark.parametrize("tokens", [3, 400], ids=["few tokens: added into the output", "many: folded into W"])

@@ -141,7 +141,8 @@ def test_a_peft_adapter_loads_here_with_peft_logits(tmp_path: Path, images: torc
         modules_to_save=["head"],
         use_dora=True,
         rank_pattern={"blocks.1.mlp.fc1": 2},
-        alpha_pattern={"blocks.0.attn.qkv": 3},
+        # As PEFT users write them: regular expressions for the end of a module name, the first match wins.
+        alpha_pattern={"blocks.0.attn.qkv": 3, "fc1": 5},
     )
     peft_model = peft.get_peft_model(base, config)
     generator = torch.Generator().manual_seed(1)
@@ -162,6 +163,7 @@ def test_a_peft_adapter_loads_here_with_peft_logits(tmp_path: Path, images: torc
     # qkv, attn.proj and fc1 in 4 blocks, and the patch embedding's conv (PEFT's "proj" matches it too).
     assert len(layers) == 4 * 3 + 1 and isinstance(layers["patch_embed.proj"].base, nn.Conv2d)
     assert layers["blocks.1.mlp.fc1"].rank == 2 and layers["blocks.0.attn.qkv"].alpha == 3
+    assert layers["blocks.2.mlp.fc1"].alpha == 5 and layers["blocks.2.attn.qkv"].alpha == 6
     assert meta["num_classes"] == 10
     # Onto a base built by the caller, as load_adapter does for our own adapters.
     torch.manual_seed(0)

@@ -251,3 +251,41 @@ def test_the_sweeper_is_a_hydra_plugin_on_current_optuna() -> None:
     }
     assert set(setuptools["packages"]) == on_disk | {"hydra_plugins.lora_vision_optuna"}
     assert setuptools["package-dir"] == {"hydra_plugins.lora_vision_optuna": "lora_vision/search/hydra_plugin"}
+
+
+# Any Hydra app, not only lora_vision's: a config without a `trial` key, the study in memory (the default).
+TOY_APP = """
+import hydra
+
+@hydra.main(version_base="1.3", config_path=".", config_name="config")
+def main(cfg):
+    return (cfg.x - 2.0) ** 2
+
+main()
+"""
+
+
+def test_any_hydra_app_can_search_with_the_sweeper(tmp_path: Path) -> None:
+    (tmp_path / "app.py").write_text(TOY_APP)
+    (tmp_path / "config.yaml").write_text("defaults:\n  - override hydra/sweeper: optuna\n  - _self_\nx: 0.0\n")
+    sweep_dir = tmp_path / "sweep"
+    done = subprocess.run(
+        [sys.executable, "app.py", "-m", "x=interval(0, 4)", "hydra.sweeper.direction=minimize",
+         "hydra.sweeper.n_trials=6", "hydra.sweeper.sampler.seed=0", f"hydra.sweep.dir={sweep_dir}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    best = OmegaConf.load(sweep_dir / "optimization_results.yaml")
+    assert 0.0 <= best.best_params["x"] <= 4.0 and math.isclose(best.best_value, (best.best_params["x"] - 2) ** 2)
+    assert len(list(sweep_dir.glob("*/.hydra/overrides.yaml"))) == 6
+
+
+def test_a_misspelt_search_key_or_storage_is_one_message_and_no_trial(tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "optuna"
+    done = multirun(sweep_dir, "+sweep=optuna", "lora.rnak=choice(1,2)")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "optuna sweeper: error: a trial's config does not compose: Could not override 'lora.rnak'" in done.stderr
+    assert not sweep_dir.exists()  # no study, no trial recorded for it
+    bad = multirun(sweep_dir, "+sweep=optuna", "hydra.sweeper.storage=nosuchdb://x")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "optuna sweeper: error: hydra.sweeper.storage=nosuchdb://x: cannot open it" in bad.stderr

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check, in one go on a machine with one CUDA GPU (about 8 minutes on an H200), from the repository root:
+# The GPU check, in one go on a machine with one CUDA GPU, from the repository root. Its steps run under time limits
+# that add up to 8 min 40 s; it has not run on a GPU yet, so no run time is measured.
 #   bash experiments/gpu_check/run.sh DIR_WITH_OFFLINE_ASSETS [OUT]      (OUT defaults to experiments/gpu_check/results)
 #
 # Expects installed: a CUDA build of torch with torchvision, timm, lightning, peft, and lora_vision with its

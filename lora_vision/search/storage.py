@@ -9,7 +9,9 @@ from pathlib import Path
 import optuna
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+
+from lora_vision.errors import UserError
 
 # Seconds an SQLite writer waits for another worker's transaction instead of failing with "database is locked";
 # trials are minutes apart, so a long wait costs nothing.
@@ -19,6 +21,10 @@ SQLITE_TIMEOUT_S = 60
 CREATE_ATTEMPTS = 5
 
 
+class StorageError(UserError, ValueError):
+    """A study storage that cannot be opened."""
+
+
 def open_storage(storage: str | None) -> BaseStorage | None:
     """A database URL (`sqlite:///...`, `postgresql://...`) or a journal file path; None stays in memory.
 
@@ -26,6 +32,17 @@ def open_storage(storage: str | None) -> BaseStorage | None:
     """
     if storage is None:
         return None
+    try:
+        return _open(storage)
+    except (ImportError, OSError, ValueError, SQLAlchemyError) as err:
+        raise StorageError(
+            f"hydra.sweeper.storage={storage}: cannot open it ({type(err).__name__}: {err}); give a database URL "
+            "Optuna accepts (sqlite:///path/optuna.db, postgresql://user@host/db with its driver installed), a "
+            "journal file path, or null"
+        ) from err
+
+
+def _open(storage: str) -> BaseStorage:
     if "://" not in storage:
         Path(storage).parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(storage))

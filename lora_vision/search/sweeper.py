@@ -17,9 +17,12 @@ from typing import Any
 import optuna
 from hydra.core.plugins import Plugins
 from hydra.core.utils import JobReturn
+from hydra.errors import HydraException
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from lora_vision.errors import UserError, user_errors_as_messages
@@ -70,6 +73,13 @@ def objective_values(value: Any, count: int) -> list[float] | None:
         )
     floats = [float(v) for v in values]
     return floats if all(math.isfinite(v) for v in floats) else None
+
+
+def lowest(distribution: BaseDistribution) -> Any:
+    """One value the distribution can draw: the first choice, or the lower end."""
+    if isinstance(distribution, CategoricalDistribution):
+        return distribution.choices[0]
+    return distribution.low
 
 
 def counted(trial: FrozenTrial) -> bool:
@@ -129,6 +139,8 @@ class OptunaSweeper(Sweeper):
             config=config, hydra_context=hydra_context, task_function=task_function
         )
         self.sweep_dir = Path(config.hydra.sweep.dir)
+        # An app with a `trial` key (lora_vision's) learns its trial number; any other Hydra app runs without it.
+        self.numbered = TRIAL_KEY in config
 
     def check_objective_count(self) -> None:
         """The app's own switch for two objectives (lora_vision's `objective.pareto`) must agree with `direction`."""
@@ -139,6 +151,19 @@ class OptunaSweeper(Sweeper):
                 "needs objective.pareto=true and two directions ([maximize, minimize]), a single-objective one "
                 "neither; +sweep=optuna_pareto sets both"
             )
+
+    def job_overrides(self, fixed: list[str], params: dict[str, Any], number: int) -> list[str]:
+        numbered = [f"{TRIAL_KEY}={number}"] if self.numbered else []
+        return [*fixed, *(as_override(key, value) for key, value in params.items()), *numbered]
+
+    def check_composes(self, fixed: list[str], space: dict[str, BaseDistribution]) -> None:
+        """Compose one job's config from the lowest value of each parameter, so that a misspelt key in the search
+        space or on the command line is refused before the study records a trial for it."""
+        example = {key: lowest(distribution) for key, distribution in space.items()}
+        try:
+            self.hydra_context.config_loader.load_sweep_config(self.config, self.job_overrides(fixed, example, 0))
+        except (HydraException, OmegaConfBaseException) as err:
+            raise SweepConfigError(f"a trial's config does not compose: {err}".replace("\n", " ")) from err
 
     def create_study(self) -> optuna.Study:
         study = optuna.create_study(
@@ -165,6 +190,8 @@ class OptunaSweeper(Sweeper):
     def search(self, arguments: list[str]) -> None:
         space_file = [f"{key}={value}" for key, value in (self.params or {}).items()]
         space, fixed = parse_search_space([*space_file, *arguments])
+        fixed_overrides = [f"{key}={value}" for key, value in fixed.items()]
+        self.check_composes(fixed_overrides, space)
         study = self.create_study()
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
         previous = sum(counted(t) for t in study.get_trials(deepcopy=False))
@@ -178,7 +205,6 @@ class OptunaSweeper(Sweeper):
             type(study.sampler).__name__,
             type(study.pruner).__name__,
         )
-        fixed_overrides = [f"{key}={value}" for key, value in fixed.items()]
         launched = failed = 0
         while True:
             started = sum(counted(t) for t in study.get_trials(deepcopy=False))
@@ -186,10 +212,7 @@ class OptunaSweeper(Sweeper):
             if batch <= 0:
                 break
             trials = [study.ask(space) for _ in range(batch)]
-            overrides = [
-                [*fixed_overrides, *(as_override(k, v) for k, v in t.params.items()), f"{TRIAL_KEY}={t.number}"]
-                for t in trials
-            ]
+            overrides = [self.job_overrides(fixed_overrides, t.params, t.number) for t in trials]
             try:
                 returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
             except BaseException:
