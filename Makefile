@@ -15,7 +15,15 @@ PACKAGE_DIRS := $(shell find lora_vision -type d -not -name __pycache__)
 EXP ?= vit_r8
 ARGS ?=
 
-.PHONY: install test test-gpu lint train bench clean
+# The pins chosen by hand; constraints.txt, the lock file `make install` applies, pins every other package to what
+# resolved with them. torch 2.14.1 + torchvision 0.29.1: their CUDA builds also run on the CPU, and the registry's
+# torchvision cannot load against a 2.13.0+cpu wheel, so that pair must not be picked. peft: the release the PEFT
+# adapter format is tested against.
+LOCK_PINS := torch==2.14.1 torchvision==0.29.1 peft==0.21.2
+# The Python the lock is resolved for (CI's); other Pythons install from pyproject's open ranges instead.
+LOCK_PYTHON := 3.11
+
+.PHONY: install lock test test-gpu lint train bench clean
 
 install: $(STAMP)
 
@@ -25,12 +33,21 @@ $(STAMP): pyproject.toml $(CONSTRAINTS) $(PACKAGE_DIRS)
 	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e ".[dev]" --config-settings editable_mode=strict
 	touch $(STAMP)
 
+# Re-resolve every package to the newest release that fits pyproject.toml's ranges and LOCK_PINS (uv, from PyPI).
+lock: $(STAMP)
+	test -x $(BIN)/uv || $(BIN)/python -m pip install --quiet uv
+	printf '%s\n' $(LOCK_PINS) > $(VENV)/lock-pins.txt
+	$(BIN)/uv pip compile pyproject.toml --extra dev --constraint $(VENV)/lock-pins.txt --upgrade \
+		--python-version $(LOCK_PYTHON) --custom-compile-command "make lock" --output-file $(CONSTRAINTS)
+
 lint: $(STAMP)
 	$(BIN)/ruff check lora_vision tests
 	$(BIN)/ruff format --check lora_vision tests
 
+# Test files run side by side, one worker process per core (pytest-xdist), each file on one worker so that its
+# module fixtures are built once; tests/conftest.py gives each worker its share of the cores.
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 # The CUDA tests alone (tests/test_gpu.py); without a GPU they skip, with the reason.
 test-gpu: $(STAMP)

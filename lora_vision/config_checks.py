@@ -1,8 +1,9 @@
 """Checks of the composed run config, so a bad value fails before any model is built or data is read.
 
-Hydra's struct mode already rejects unknown keys and unknown group options; these checks cover values, keys added
-with `+` that nothing reads, and accelerators the machine lacks. LoRA
-settings are checked by the method classes themselves (`lora_vision.methods`), data options by the datamodules.
+Unknown keys and group options on the command line are refused before Hydra starts (`lora_vision.cli`), data keys
+of another dataset by `lora_vision.composition`; these checks cover values, keys added with `+` that nothing reads,
+and accelerators the machine lacks. LoRA settings are checked by the method classes themselves
+(`lora_vision.methods`), data options by the datamodules.
 """
 
 from __future__ import annotations
@@ -93,8 +94,12 @@ def check_config(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value!r} is invalid: expected {valid}")
     max_epochs, warmup = cfg.trainer.max_epochs, cfg.optim.warmup_epochs
     if max_epochs > 0 and warmup >= max_epochs:
+        # Experiments set their warmup for their own length (10 epochs of 100 for VTAB-1k), so a shorter run asked
+        # for on the command line (trainer.max_epochs=1) meets this first; the message gives the setting to add.
         raise ConfigError(
-            f"optim.warmup_epochs={warmup!r} is invalid: it must be shorter than trainer.max_epochs={max_epochs}"
+            f"optim.warmup_epochs={warmup!r} is invalid: the warmup must be shorter than trainer.max_epochs="
+            f"{max_epochs}; add optim.warmup_epochs=0 (no warmup) or a value below {max_epochs} (fractions allowed, "
+            f"e.g. optim.warmup_epochs={max_epochs / 10:g})"
         )
     if max_epochs == -1 and cfg.trainer.get("max_steps", -1) in (None, -1):
         raise ConfigError("trainer.max_epochs=-1 is invalid without trainer.max_steps: training would never end")

@@ -6,7 +6,7 @@
 Without ``data=NAME`` the data the source was trained on is used (as recorded in its adapter or export);
 ``data=NAME`` picks an option of the project's ``conf/data/`` group instead, and ``data.KEY=VALUE`` overrides apply
 on top of either. The result (top-1, top-5, loss, image count) is printed and written as JSON to
-``<source dir>/eval/<data name>_<split>.json`` (or ``--out``).
+``<source dir>/eval/<data name>_<split>.json`` (or ``--out``); a VTAB-1k task adds its name (``vtab1k-dtd_test.json``).
 
 Other CLIs reuse the pieces: `add_eval_arguments` (the shared options), `load_source` (the model),
 `build_eval_datamodule` (the data, ready for the model) and `evaluate_model` (the metrics).
@@ -17,11 +17,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
@@ -32,7 +33,15 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lora_vision.adapters import ADAPTER_DIR, adapter_directory, load_adapted_model, read_adapter_meta
+import lora_vision.data
+from lora_vision.adapters import (
+    ADAPTER_DIR,
+    adapter_directory,
+    is_peft_adapter,
+    load_adapted_model,
+    peft_meta,
+    read_adapter_meta,
+)
 from lora_vision.builders import build_datamodule
 from lora_vision.data import ImageDataModule
 from lora_vision.data.errors import DataOptionError
@@ -40,7 +49,6 @@ from lora_vision.errors import UserError, user_errors_as_messages
 from lora_vision.export import load_merged, merged_directory, read_merged_meta
 from lora_vision.models import model_data_config
 from lora_vision.module import accuracy_metrics
-from lora_vision.peft_format import is_peft_adapter, peft_meta
 from lora_vision.results import PROJECT_ROOT, versions, write_json_atomic
 
 CONF_DIR = PROJECT_ROOT / "conf"
@@ -53,16 +61,57 @@ EXPECTED_SOURCES = (
 )
 
 
+# The datamodules a recorded data config may name: its `_target_` is looked up here before Hydra builds it, so an
+# adapter or export from anyone cannot make evaluation call anything else.
+DATAMODULES = tuple(
+    f"lora_vision.data.{name}"
+    for name in lora_vision.data.__all__
+    if isinstance(getattr(lora_vision.data, name), type)
+    and issubclass(getattr(lora_vision.data, name), L.LightningDataModule)
+)
+# Hydra's instantiation keys: only the top-level `_target_` of a recorded data config may use one.
+HYDRA_KEY = re.compile(r"^_.+_$")
+
+
 class EvaluationError(UserError, ValueError):
     """Bad evaluation input (source, split, data option or key, device); the message says what is valid."""
+
+
+def _hydra_keys(value: Any, prefix: str = "") -> Iterator[str]:
+    """The dotted paths of Hydra's instantiation keys (`_target_`, `_args_`, ...) in a config of plain values."""
+    items = value.items() if isinstance(value, Mapping) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if isinstance(key, str) and HYDRA_KEY.match(key):
+            yield f"{prefix}{key}"
+        yield from _hydra_keys(item, f"{prefix}{key}.")
+
+
+def check_recorded_data(data: Any, directory: Path) -> None:
+    """Refuse the data config recorded in `directory` unless Hydra would build a lora_vision datamodule from it and
+    nothing else."""
+    if data is None:
+        return
+    target = data.get("_target_") if isinstance(data, Mapping) else data
+    if target not in DATAMODULES:
+        raise EvaluationError(
+            f"the data config recorded in {directory} names {target!r}, which is not a lora_vision datamodule; "
+            f"a recorded config names one of {', '.join(DATAMODULES)}"
+        )
+    nested = [key for key in _hydra_keys(data) if key != "_target_"]
+    if nested:
+        raise EvaluationError(
+            f"the data config recorded in {directory} holds Hydra instantiation keys ({', '.join(nested)}); a "
+            "recorded config holds the datamodule's options only"
+        )
 
 
 @dataclass(frozen=True)
 class Source:
     """What a source path holds, read from its metadata only (no weights loaded).
 
-    `kind` is "run", "adapter" or "merged"; `directory` holds the adapter or export files; `home` is where
-    evaluation results go by default; `meta` is the `adapter.json` or `model.json`.
+    `kind` is "run", "adapter", "merged" or "peft"; `directory` holds the adapter or export files; `home` is where
+    evaluation results go by default; `meta` is the `adapter.json` or `model.json`, whose recorded data config is
+    checked on construction (`check_recorded_data`).
     """
 
     path: Path
@@ -70,6 +119,9 @@ class Source:
     directory: Path
     home: Path
     meta: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        check_recorded_data(self.meta.get("data"), self.directory)
 
     @property
     def data_cfg(self) -> DictConfig | None:
@@ -91,7 +143,7 @@ class Source:
 class Loaded:
     """A model ready for evaluation (eval mode) and what is known about how it was trained.
 
-    `kind`: "run", "adapter" or "merged"; `data_cfg`: the recorded `data` config (None if not recorded);
+    `kind`: "run", "adapter", "merged" or "peft"; `data_cfg`: the recorded `data` config (None if not recorded);
     `image_size`: the input side length the model expects (None if unknown); `meta`: its adapter.json/model.json.
     """
 
@@ -292,9 +344,12 @@ def _compose_data(option: str, overrides: Sequence[str]) -> DictConfig:
     return OmegaConf.create(OmegaConf.to_container(cfg.data, resolve=True))
 
 
-def data_name(cfg: DictConfig) -> str:
-    """A short name of a data config for file names: its preset, or its datamodule class without "DataModule"."""
-    return cfg.get("preset") or re.sub(r"DataModule$", "", cfg._target_.rsplit(".", 1)[-1]).lower()
+def data_name(cfg: DictConfig, option: str | None = None) -> str:
+    """A short name of a data config for file names: its option, preset, or datamodule class without "DataModule",
+    and its task where it has one (VTAB-1k: `vtab1k-dtd`)."""
+    name = option or cfg.get("preset") or re.sub(r"DataModule$", "", cfg._target_.rsplit(".", 1)[-1]).lower()
+    task = cfg.get("task")
+    return f"{name}-{task}" if task else name
 
 
 def select_data(
@@ -326,7 +381,7 @@ def select_data(
         defaults = {"image_size": image_size, "seed": recorded.get("seed") if recorded else None}
         implied = [f"data.{k}={v}" for k, v in defaults.items() if v is not None and k not in keys]
         cfg = _compose_data(option, [*implied, *(override.input_line for override in keys.values())])
-        name = option
+        name = data_name(cfg, option)
     return name, OmegaConf.merge(cfg, {k: v for k, v in (options or {}).items() if v is not None})
 
 

@@ -1,10 +1,9 @@
 """Export: an adapted model as plain timm weights loadable without lora_vision, or as a PEFT adapter.
 
 `python -m lora_vision.export SOURCE --out DIR [--format merged|peft] [--checkpoint BASE_WEIGHTS]` rebuilds the
-adapted model of a run directory or adapter (ours or PEFT's, see `lora_vision.adapters` and
-`lora_vision.peft_format`). `--format peft` writes PEFT's `adapter_config.json` and `adapter_model.safetensors`
-(see `lora_vision.peft_format` for what maps to what). The default, merged, folds the adapters into the base
-weights and writes
+adapted model of a run directory or adapter (ours or PEFT's, see `lora_vision.adapters`). `--format peft` writes
+PEFT's `adapter_config.json` and `adapter_model.safetensors` (see `lora_vision.adapters.peft` for what maps to
+what). The default, merged, folds the adapters into the base weights and writes
 
 - ``model.safetensors``: the state dict of the plain timm architecture;
 - ``model.json``: model name, create kwargs, class count, timm data config and the exact load call.
@@ -18,20 +17,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import safetensors.torch
 import timm
-import torch
 from torch import nn
 
-from lora_vision.adapters import load_adapted_model, read_meta
+from lora_vision.adapters import load_adapted_model, read_meta, save_peft_adapter
+from lora_vision.adapters.tensors import contiguous_cpu
 from lora_vision.errors import MissingInputError, user_errors_as_messages
 from lora_vision.lora import merge_and_unload
 from lora_vision.models import model_data_config
-from lora_vision.peft_format import save_peft_adapter
 from lora_vision.results import versions, write_atomic
 
 MODEL_TENSORS = "model.safetensors"
@@ -95,10 +94,7 @@ def export_merged(
     """
     directory = Path(directory)
     plain = merge_and_unload(model)
-    tensors = {
-        key: value.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
-        for key, value in plain.state_dict().items()
-    }
+    tensors = contiguous_cpu(plain.state_dict())
     file = directory.resolve() / MODEL_TENSORS
     label_offset = bool(getattr(plain, "pretrained_cfg", {}).get("label_offset"))
     meta = {
@@ -132,7 +128,7 @@ def merged_directory(path: str | Path) -> Path:
 
 def read_merged_meta(path: str | Path) -> dict[str, Any]:
     """The `model.json` of a merged export directory or file."""
-    return read_meta(merged_directory(path) / MODEL_META, FORMAT, FORMAT_VERSION)
+    return read_meta(merged_directory(path) / MODEL_META, FORMAT, (FORMAT_VERSION,))
 
 
 def load_merged(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -167,10 +163,32 @@ def export_adapter(source: str | Path, out: str | Path, checkpoint: str | Path |
     )
 
 
-def export_peft(source: str | Path, out: str | Path, checkpoint: str | Path | None = None) -> Path:
-    """Rebuild the adapted model of a run directory or adapter and write it as a PEFT adapter into `out`."""
+def export_peft(
+    source: str | Path, out: str | Path, checkpoint: str | Path | None = None
+) -> tuple[Path, dict[str, Any]]:
+    """Rebuild the adapted model of a run directory or adapter, write it as a PEFT adapter into `out`; return the
+    directory and the adapter's record."""
     model, meta = load_adapted_model(source, checkpoint=checkpoint)
-    return save_peft_adapter(model, out, meta)
+    return save_peft_adapter(model, out, meta), meta
+
+
+def peft_load_code(meta: Mapping[str, Any], directory: str | Path) -> str:
+    """The Python lines that load the PEFT export in `directory` with timm and PEFT alone, onto the base the adapter
+    record `meta` names: timm name, class count, create kwargs and the weights (pretrained, a checkpoint file, or
+    the seed of a random init)."""
+    source = meta["base_source"]
+    checkpoint = source.get("checkpoint")
+    pretrained = bool(checkpoint or source["pretrained"])
+    overlay = f", pretrained_cfg_overlay=dict(file={checkpoint!r})" if checkpoint else ""
+    options = "".join(
+        f", {key}={value!r}" for key, value in {"num_classes": meta["num_classes"], **meta["model_kwargs"]}.items()
+    )
+    base = f"timm.create_model({meta['model_name']!r}, pretrained={pretrained}{overlay}{options})"
+    # A random base is what timm draws right after seeding, as the adapter's base was.
+    seeded = not pretrained and source.get("seed") is not None
+    seeding = ["import torch", f"torch.manual_seed({source['seed']})"] if seeded else []
+    lines = ["import timm", "from peft import PeftModel", *seeding]
+    return "\n".join([*lines, f"model = PeftModel.from_pretrained({base}, {str(Path(directory).resolve())!r})"])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -189,11 +207,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with user_errors_as_messages(parser.prog):
         if args.format == "peft":
-            directory = export_peft(args.source, args.out, args.checkpoint)
-            print(
-                f"exported to {directory}\nload with:\n  from peft import PeftModel\n"
-                f"  model = PeftModel.from_pretrained(timm.create_model(NAME, num_classes=N, ...), {str(directory)!r})"
-            )
+            directory, meta = export_peft(args.source, args.out, args.checkpoint)
+            print(f"exported to {directory}\nload with:\n{textwrap.indent(peft_load_code(meta, directory), '  ')}")
             return
         directory = export_adapter(args.source, args.out, args.checkpoint)
     meta = json.loads((directory / MODEL_META).read_text())

@@ -2,12 +2,15 @@
 
 Each is a small object Hydra instantiates from the `lora/` config group (`_target_`). The constructor validates
 its settings, so a bad value fails before any model is built; `apply(model)` prepares the model in place and
-returns its parameter budget; `describe()` is what results files record; `config()` rebuilds an equal method
-(what adapter files store); `lr_ratios()` asks the optimizer for per-parameter learning-rate multipliers.
+returns its parameter budget; `describe()` is what results files record; `config()` is the method as plain data,
+its name in `METHODS` and its settings (what adapter files store), from which `method_from_config` rebuilds an
+equal method without importing or calling anything the record names; `lr_ratios()` asks the optimizer for
+per-parameter learning-rate multipliers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -21,10 +24,6 @@ from lora_vision.lora.errors import LoRAConfigError
 def _plain(value: Any) -> Any:
     # Hydra hands lists and dicts over as ListConfig/DictConfig; results files and messages want plain values.
     return OmegaConf.to_container(value) if isinstance(value, ListConfig | DictConfig) else value
-
-
-def _target(obj: object) -> str:
-    return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
 class LoRA:
@@ -51,7 +50,7 @@ class LoRA:
         return {} if ratio is None else {"lora_B": ratio}
 
     def config(self) -> dict[str, Any]:
-        return {"_target_": _target(self), **self.settings.settings()}
+        return {"name": self.name, "settings": self.settings.settings()}
 
     def describe(self) -> dict[str, Any]:
         return {"method": self.name, **self.settings.describe()}
@@ -81,7 +80,7 @@ class _Baseline:
         return {}
 
     def config(self) -> dict[str, Any]:
-        return {"_target_": _target(self)}
+        return {"name": self.name, "settings": {}}
 
     def describe(self) -> dict[str, Any]:
         return {"method": self.name, **dict.fromkeys(RECORDED)}
@@ -122,3 +121,24 @@ class FullFineTune(_Baseline):
     def apply(self, model: nn.Module) -> ParameterSummary:
         model.requires_grad_(True)
         return summarize(model)
+
+
+Method = LoRA | LinearProbe | BitFit | FullFineTune
+# Every method an adapter file may name, by name: the only classes `method_from_config` builds.
+METHODS: dict[str, type[Method]] = {method.name: method for method in (LoRA, LinearProbe, BitFit, FullFineTune)}
+
+
+def method_from_config(config: Mapping[str, Any]) -> Method:
+    """The method a `config()` record describes: ``{"name": one of METHODS, "settings": {...}}``.
+
+    A `LoRAConfigError` for another shape, an unknown name or an invalid setting; the settings are validated by the
+    method's constructor (`LoraConfig.from_settings` for LoRA).
+    """
+    if not isinstance(config, Mapping) or set(config) != {"name", "settings"}:
+        raise LoRAConfigError(f"a method record is {{'name': ..., 'settings': {{...}}}}, got {config!r}")
+    name, settings = config["name"], config["settings"]
+    if not isinstance(name, str) or name not in METHODS:
+        raise LoRAConfigError(f"unknown method {name!r}; valid: {', '.join(METHODS)}")
+    if not isinstance(settings, Mapping) or not all(isinstance(key, str) for key in settings):
+        raise LoRAConfigError(f"the settings of method {name} must be a mapping of names to values, got {settings!r}")
+    return METHODS[name](**settings)

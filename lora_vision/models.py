@@ -172,6 +172,27 @@ def _weights_source(name: str) -> str:
     return "timm's pretrained config"
 
 
+def model_label(
+    name: str, kwargs: Mapping[str, Any] | None = None, pretrained: bool = True, checkpoint: str | Path | None = None
+) -> str:
+    """The model as built, for records, reports and exports: `vit_tiny_patch16_224 (depth=2, embed_dim=64;
+    random init)`, `vit_base_patch16_224.augreg_in21k (pretrained)`, `resnet50 (weights: ft.safetensors)`.
+
+    The timm name alone says what `timm.create_model(name, pretrained=True)` gives, which is not what ran when the
+    weights were random or came from a file, or when create kwargs changed the architecture. A random-init model
+    is named without the pretrained tag, which names weights it does not have. `img_size` is left out: it follows
+    the input size, which records and reports state on their own.
+    """
+    changes = ", ".join(f"{key}={value}" for key, value in sorted((kwargs or {}).items()) if key != "img_size")
+    if checkpoint is not None:
+        weights = f"weights: {Path(checkpoint).name}"
+    elif pretrained:
+        weights = "pretrained"
+    else:
+        name, weights = name.split(".", 1)[0], "random init"
+    return f"{name} ({changes + '; ' if changes else ''}{weights})"
+
+
 def check_input_size(model: nn.Module, image_size: int) -> None:
     """Refuse an input size a patch-based model would not see whole.
 

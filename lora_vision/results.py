@@ -19,7 +19,9 @@ import torch
 from lora_vision.errors import OutputWriteError
 
 RESULTS_FILE = "results.json"
-# Written by the Optuna sweeper into a two-objective search's sweep directory, read by the sweep report.
+# Written by the Optuna sweeper into its sweep directory (the best trial of a search, or a two-objective search's
+# Pareto front), read by the sweep report.
+BEST_FILE = "optimization_results.yaml"
 PARETO_FILE = "pareto_front.yaml"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 

@@ -22,6 +22,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -80,13 +81,17 @@ def set_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-class ResumeCheckpoint(L.Callback):
+class ResumeCheckpoint(Checkpoint):
     """Writes `<dirpath>/last.ckpt` for resuming, separately from best-model selection.
 
     It saves after every training epoch, every `every_n_train_steps` optimizer steps (null: only at epoch ends) and
     when SIGTERM stops the run (SLURM pre-emption, `scancel`), so a resume repeats at most that many steps.
     `ModelCheckpoint(save_last=True)` refreshes `last.ckpt` only when it saves a top-k checkpoint, which leaves it
     stale, and Lightning saves nothing on SIGTERM.
+
+    A `Checkpoint` subclass, so Lightning calls its epoch-end hook among the checkpoint callbacks, after
+    `ModelCheckpoint` has saved that epoch's best (the run lists it after `ModelCheckpoint`): a `last.ckpt` written
+    before would record the previous best file, which `ModelCheckpoint` deletes a moment later.
     """
 
     def __init__(self, dirpath: str | Path, every_n_train_steps: int | None = None) -> None:
@@ -179,6 +184,36 @@ def keep_interrupted_metrics(loggers: list[Any]) -> None:
         if metrics.is_file():
             attempt = len(list(metrics.parent.glob("metrics.interrupted-*.csv"))) + 1
             metrics.rename(metrics.with_name(f"metrics.interrupted-{attempt}.csv"))
+
+
+def best_checkpoint_on_disk(callback: ModelCheckpoint) -> Path | None:
+    """The best checkpoint `callback` kept, found on disk: its recorded best file when that exists, else the best
+    of the files it saved, by the score each file recorded when it was saved (ties: the earlier epoch).
+
+    A `last.ckpt` written by earlier releases before its epoch's best was saved names a best file that was deleted
+    since; a resume or rerun from it must still test the best weights, not fail on the missing file. A candidate
+    is mapped lazily and read as tensors only (`weights_only`), so no code in it runs.
+    """
+    recorded = Path(callback.best_model_path) if callback.best_model_path else None
+    if recorded is not None and recorded.is_file():
+        return recorded
+    if callback.dirpath is None:
+        return None
+    scored = []
+    for candidate in Path(callback.dirpath).glob(f"*{callback.FILE_EXTENSION}"):
+        if candidate.name == LAST_CHECKPOINT:
+            continue
+        saved = torch.load(candidate, map_location="cpu", weights_only=True, mmap=True)
+        score = saved.get("callbacks", {}).get(callback.state_key, {}).get("current_score")
+        if score is not None and torch.isfinite(score):
+            sign = 1.0 if callback.mode == "max" else -1.0
+            scored.append((-sign * float(score), saved.get("epoch", 0), candidate))
+    if not scored:
+        return None
+    best = min(scored)[2]
+    log.info("best checkpoint %s found on disk (the resumed state named %s)", best, recorded)
+    callback.best_model_path = str(best)
+    return best
 
 
 def resume_callback(callbacks: list[Any]) -> ResumeCheckpoint | None:

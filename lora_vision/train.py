@@ -1,15 +1,15 @@
 """Training entry point: `python -m lora_vision.train +exp=vit_r8` (Hydra; see conf/train.yaml).
 
-One run: check the config, build the backbone, apply the method (LoRA or a baseline), fit, test the best
-checkpoint, and write `results.json` into the run directory. The returned objective (best validation top-1
-accuracy, optionally penalised by the trainable parameter count; see `objective`) is what Hydra sweepers such as
-Optuna maximise.
+One run: check the config, build the backbone, apply the method (LoRA or a baseline), fit, test the checkpoint
+the objective selects, and write `results.json` into the run directory. The returned objective (the selected
+epoch's validation metric, optionally penalised by the trainable parameter count; `lora_vision.objective`) is what
+Hydra sweepers such as Optuna optimise. Run again in the same directory, a finished run is reported and keeps its
+files, an unfinished one resumes (`lora_vision.rerun`).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import sys
 import time
 from pathlib import Path
@@ -21,6 +21,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import get_class, instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.utilities import rank_zero_only
@@ -37,16 +38,34 @@ from lora_vision.builders import (
     instantiate_all,
 )
 from lora_vision.callbacks import DivergedError, FiniteLoss, TrainThroughput
-from lora_vision.cli import canonical_overrides
+from lora_vision.cli import checked_command_line
+from lora_vision.composition import check_data_keys
 from lora_vision.config_checks import ConfigError, check_accelerator, check_appended_keys, check_config
-from lora_vision.errors import UserError, exit_with_message, full_traceback_requested
-from lora_vision.models import model_data_config, route_hub_logs_to_root
+from lora_vision.errors import MissingInputError, UserError, exit_with_message, full_traceback_requested
+from lora_vision.models import model_data_config, model_label, route_hub_logs_to_root
 from lora_vision.module import Classifier
+from lora_vision.objective import Objective, ValidationHistory
 from lora_vision.performance import apply_performance_options
 from lora_vision.prefix_cache import PREFIX_CACHE_KEYS, SuffixClassifier, serve_run_prefix_cache
 from lora_vision.preflight import check_output_dir
+from lora_vision.quiet import quiet_third_party
+from lora_vision.rerun import (
+    check_rerun_choice,
+    check_same_run,
+    describe_finished,
+    finished,
+    keep_record,
+    previous_record,
+    set_aside,
+)
 from lora_vision.results import PROJECT_ROOT, RESULTS_FILE, finite_or_none, git_state, versions, write_json_atomic
-from lora_vision.resume import AtomicCheckpointIO, keep_interrupted_metrics, requested_checkpoint
+from lora_vision.resume import (
+    AtomicCheckpointIO,
+    ResumeCheckpoint,
+    best_checkpoint_on_disk,
+    keep_interrupted_metrics,
+    requested_checkpoint,
+)
 from lora_vision.search.pruning import TrialPruning, trial_pruning
 
 log = logging.getLogger(__name__)
@@ -103,24 +122,37 @@ def finish_wandb(loggers: list[Logger], record: dict[str, Any]) -> None:
             logger.experiment.finish()
 
 
-def base_record(cfg: DictConfig, method: Any, summary: Any, num_classes: int) -> dict[str, Any]:
-    """What the run is and what it trains, known before training starts."""
+def run_identity(cfg: DictConfig, method: Any) -> dict[str, Any]:
+    """The record fields that decide what a run trains, known from the config alone: a rerun in the same
+    directory must match them (`lora_vision.rerun.check_same_run`)."""
+    kwargs = OmegaConf.to_container(cfg.model.kwargs, resolve=True)
     return {
-        "experiment": cfg.exp_name,
         "model": cfg.model.name,
+        "model_kwargs": kwargs,
+        "pretrained": cfg.model.pretrained,
         **method.describe(),
         "data": cfg.data._target_.rsplit(".", 1)[-1],
         **{key: cfg.data[key] for key in ("task", "protocol") if key in cfg.data},
         "image_size": cfg.data.image_size,
+        "seed": cfg.seed,
+        "lr": cfg.optim.lr,
+        "batch_size": cfg.data.batch_size,
+        "max_epochs": cfg.trainer.max_epochs,
+    }
+
+
+def base_record(cfg: DictConfig, method: Any, summary: Any, num_classes: int) -> dict[str, Any]:
+    """What the run is and what it trains, known before training starts."""
+    identity, model = run_identity(cfg, method), cfg.model
+    return {
+        "experiment": cfg.exp_name,
+        **identity,
+        "model_label": model_label(model.name, identity["model_kwargs"], model.pretrained, model.checkpoint),
         "num_classes": num_classes,
         "trainable_params": summary.trainable,
         "total_params": summary.total,
         "trainable_percent": summary.trainable_percent,
         "adapter_params": summary.adapter_params,
-        "seed": cfg.seed,
-        "lr": cfg.optim.lr,
-        "batch_size": cfg.data.batch_size,
-        "max_epochs": cfg.trainer.max_epochs,
         "versions": versions(),
         **git_state(),
         "output_dir": str(cfg.paths.output_dir),
@@ -129,34 +161,54 @@ def base_record(cfg: DictConfig, method: Any, summary: Any, num_classes: int) ->
     }
 
 
+def _callback(trainer: L.Trainer, kind: type) -> Any:
+    return next((c for c in trainer.callbacks if isinstance(c, kind)), None)
+
+
+def tested_checkpoint(trainer: L.Trainer, objective: Objective) -> Path | None:
+    """The checkpoint to test: the best one on disk for `select: best`; None (the weights in memory, those of the
+    last epoch) for `select: last`, or when no checkpoint was saved (checkpointing off, fast_dev_run)."""
+    checkpoint = _callback(trainer, ModelCheckpoint)
+    if objective.select == "last" or checkpoint is None or not checkpoint.best_model_path:
+        return None
+    path = best_checkpoint_on_disk(checkpoint)
+    if path is None:
+        raise MissingInputError(
+            f"the best checkpoint ({checkpoint.best_model_path}) and any other one are gone from {checkpoint.dirpath}: "
+            "it was deleted; train again with resume=false (the earlier attempt is kept in previous-<n>/)"
+        )
+    return path
+
+
 def fit_and_test(
     cfg: DictConfig,
+    objective: Objective,
     trainer: L.Trainer,
     module: Classifier,
     datamodule: L.LightningDataModule,
     resume_from: Path | None = None,
 ) -> dict[str, Any]:
-    """Fit (from `resume_from` when given), then test the best checkpoint; return the outcome fields of the record.
+    """Fit (from `resume_from` when given), then test the checkpoint the objective selects; return the outcome
+    fields of the record.
 
     A trial stopped by the search's pruner is not tested: it ends `pruned`, with the last epoch it trained.
     """
-    throughput = next(c for c in trainer.callbacks if isinstance(c, TrainThroughput))
+    throughput = _callback(trainer, TrainThroughput)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
-    checkpoint = trainer.checkpoint_callback
-    best_path = checkpoint.best_model_path if checkpoint is not None else ""
+    outcome = _callback(trainer, ValidationHistory).record(objective, module.param_summary.trainable)
+    best_path = tested_checkpoint(trainer, objective)
     pruned_at = next((c.pruned_at_epoch for c in trainer.callbacks if isinstance(c, TrialPruning)), None)
     test_metrics: dict[str, Any] = {}
     if cfg.test and pruned_at is None:
-        # Without a best checkpoint (checkpointing off, fast_dev_run) the final weights are tested.
-        test_metrics = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None)[0]
+        test_metrics = trainer.test(module, datamodule=datamodule, ckpt_path=best_path)[0]
     return {
-        "best_val_acc1": finite_or_none(checkpoint.best_model_score if checkpoint is not None else None),
+        **outcome,
         "test_acc1": finite_or_none(test_metrics.get("test/acc1")),
         "test_acc5": finite_or_none(test_metrics.get("test/acc5")),
         "test_loss": finite_or_none(test_metrics.get("test/loss")),
         "epochs": trainer.current_epoch,
         "steps": trainer.global_step,
-        "best_checkpoint": best_path or None,
+        "best_checkpoint": None if best_path is None else str(best_path),
         "train_images_per_s": throughput.images_per_second,
         "peak_gpu_memory_mib": peak_gpu_memory_mib(trainer),
         "tested": bool(test_metrics),
@@ -202,8 +254,8 @@ def save_run_adapter(
     if rank_zero_only.rank != 0:
         return {}
     if best_checkpoint and not tested:
-        # The run's own checkpoint, so unpickling its Lightning metadata is safe.
-        checkpoint = torch.load(best_checkpoint, map_location="cpu", weights_only=False)
+        # Tensors and plain values only: a resumed checkpoint's callback state names this path, so it may be anyone's.
+        checkpoint = torch.load(best_checkpoint, map_location="cpu", weights_only=True)
         module.on_load_checkpoint(checkpoint)
         module.load_state_dict(checkpoint["state_dict"])
     directory = save_adapter(
@@ -223,22 +275,68 @@ def save_run_adapter(
     return {"adapter_dir": str(directory), "adapter_bytes": (directory / ADAPTER_TENSORS).stat().st_size}
 
 
-def check_run(cfg: DictConfig) -> None:
-    """Every check that needs no model or data: the output directory, the values, the keys, the accelerator."""
+def check_run(cfg: DictConfig) -> Objective:
+    """Every check that needs no model or data: the output directory, the values, the keys, the accelerator, the
+    objective (which the checkpoint and early-stopping callbacks must rank epochs by); returns the objective."""
+    check_data_keys(cfg)
     check_output_dir(cfg.paths.output_dir)
     check_config(cfg)
     if HydraConfig.initialized():
         hydra_cfg = HydraConfig.get()
         check_appended_keys(hydra_cfg.overrides.task, hydra_cfg.runtime.choices, cfg)
     check_accelerator(cfg)
+    check_rerun_choice(cfg.rerun)
+    objective = Objective.from_config(OmegaConf.to_container(cfg.objective, resolve=True))
+    check_callbacks_follow(objective, cfg.get("callbacks") or {})
+    return objective
+
+
+def check_callbacks_follow(objective: Objective, callbacks: DictConfig | dict[str, Any]) -> None:
+    """Refuse a checkpoint or early-stopping callback that ranks epochs by something else than the objective: the
+    tested epoch, the pruner and the search would then disagree on what is best."""
+    for name, entry in callbacks.items():
+        if not isinstance(entry, DictConfig | dict) or "monitor" not in entry:
+            continue
+        for key, wanted in (("monitor", objective.metric), ("mode", objective.mode)):
+            if entry.get(key, wanted) != wanted:
+                raise ConfigError(
+                    f"callbacks.{name}.{key}={entry.get(key)} differs from the objective's {wanted}: set "
+                    "objective.metric and objective.mode instead, which rank epochs for the checkpoint, the "
+                    "pruner and the search alike (objective.select=last tests the last epoch)"
+                )
+
+
+def ordered_callbacks(callbacks: list[Any], objective: Objective) -> list[Any]:
+    """The run's callbacks, with `ResumeCheckpoint` after `ModelCheckpoint` (so `last.ckpt` records the best file
+    of its own epoch) and without `ModelCheckpoint` when the last epoch is tested (no best file is needed)."""
+    if objective.select == "last":
+        callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+    return sorted(callbacks, key=lambda c: isinstance(c, ResumeCheckpoint))
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train and test one configuration; return the record written to `<run dir>/results.json`."""
+    """Train and test one configuration; return the record written to `<run dir>/results.json`.
+
+    A finished run asked again is reported (or, with `rerun=test`, tested again) and keeps its files.
+    """
     started = time.perf_counter()
-    check_run(cfg)
-    L.seed_everything(cfg.seed, workers=True)
+    objective = check_run(cfg)
+    run_dir = Path(cfg.paths.output_dir)
     method = build_method(cfg.lora)
+    previous = previous_record(run_dir)
+    if previous is not None and cfg.resume is not False:
+        check_same_run(previous, run_identity(cfg, method), run_dir)
+    if finished(previous) and cfg.resume is True and cfg.rerun == "report":
+        log.info(describe_finished(previous, run_dir))
+        return previous
+    # Testing a finished run again: its record is kept beside the new one, and left in place should the test fail.
+    retest = finished(previous) and cfg.resume is not False
+    if rank_zero_only.rank == 0:
+        if cfg.resume is False:
+            set_aside(run_dir)
+        elif retest:
+            keep_record(run_dir)
+    L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg.data)
     num_classes = cfg.model.num_classes or datamodule.num_classes
     check_num_classes(num_classes, datamodule.num_classes, cfg.model.name, cfg.data._target_)
@@ -253,13 +351,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         cfg, model, num_classes, method, module_class, param_summary=summary, base_fingerprint=fingerprint
     )
     record = base_record(cfg, method, summary, num_classes) | {"base_fingerprint": fingerprint, "prefix_cache": None}
-    results_path = Path(cfg.paths.output_dir) / RESULTS_FILE
+    results_path = run_dir / RESULTS_FILE
 
     loggers = instantiate_all(cfg.get("logger"))
-    callbacks = [FiniteLoss(), *instantiate_all(cfg.get("callbacks")), TrainThroughput()]
-    pruning = trial_pruning(cfg.trial)
-    callbacks += [pruning] if pruning is not None else []
+    callbacks = [FiniteLoss(), ValidationHistory(), *instantiate_all(cfg.get("callbacks")), TrainThroughput()]
+    pruning = trial_pruning(cfg.trial, objective, summary.trainable)
+    callbacks = ordered_callbacks([*callbacks, *([pruning] if pruning is not None else [])], objective)
     resume_from = requested_checkpoint(cfg, callbacks)
+    if retest and resume_from is None:
+        raise MissingInputError(
+            f"rerun=test needs the finished run's checkpoints in {run_dir / 'checkpoints'}, which are gone; "
+            "resume=false trains it again (the earlier attempt is kept in previous-<n>/)"
+        )
     record["resumed_from"] = None if resume_from is None else str(resume_from)
     if resume_from is not None and rank_zero_only.rank == 0:
         keep_interrupted_metrics(loggers)
@@ -271,7 +374,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if cfg.perf.cache_prefix:
             datamodule, record["prefix_cache"] = serve_run_prefix_cache(cfg, module, datamodule, fingerprint, trainer)
         log_config(loggers, cfg)
-        record |= {"status": "completed"} | fit_and_test(cfg, trainer, module, datamodule, resume_from)
+        record |= {"status": "completed"} | fit_and_test(cfg, objective, trainer, module, datamodule, resume_from)
         record["skipped_images"] = getattr(datamodule, "skipped_images", None)
         record |= save_run_adapter(
             cfg, method, module, record["best_checkpoint"], record["tested"], fingerprint, num_classes
@@ -287,27 +390,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         record |= {"status": "failed", "error": error_text(err)}
         raise
     finally:
-        if rank_zero_only.rank == 0:
+        if rank_zero_only.rank == 0 and not (retest and record["status"] in ("failed", "interrupted")):
             write_json_atomic(results_path, record)
         finish_wandb(loggers, record)
     log.info("results: %s", results_path)
     return record
 
 
-def objective(record: dict[str, Any], settings: DictConfig) -> float | list[float] | None:
-    """What a sweeper optimises: `best_val_acc1 - param_penalty * log10(trainable_params)`, or with
-    `settings.pareto` the two values `[best_val_acc1, trainable_params]` (accuracy up, parameters down).
-
-    log10, because parameter budgets span orders of magnitude (a rank-1 adapter trains thousands of parameters,
-    full fine-tuning ~1e8): `param_penalty` is the validation accuracy (a fraction) each tenfold increase must gain
-    to pay for itself. None when the run has no validation accuracy.
-    """
-    accuracy = record["best_val_acc1"]
-    if accuracy is None:
-        return None
-    if settings.pareto:
-        return [accuracy, float(record["trainable_params"])]
-    return accuracy - settings.param_penalty * math.log10(record["trainable_params"])
+def sweep_value(record: dict[str, Any], objective: Objective) -> float | list[float] | None:
+    """What a sweeper is told for a run's record: its `objective`; for a record of an earlier release, which has
+    none, the same computed from its best validation accuracy (what those releases selected by)."""
+    if "objective" in record:
+        return record["objective"]
+    return objective.sweep_value(record.get("best_val_acc1"), record.get("trainable_params") or 1)
 
 
 def record_setup_failure(cfg: DictConfig, err: Exception) -> None:
@@ -353,9 +448,10 @@ def main(cfg: DictConfig) -> float | None:
     SIGTERM (SLURM pre-emption, `scancel`) is different: the run has saved a resume checkpoint, and the whole
     process must stop (exit status 143, as a process killed by SIGTERM) instead of starting the next job.
     """
+    quiet_third_party()
     route_hub_logs_to_root()
     try:
-        return objective(run(cfg), cfg.objective)
+        return sweep_value(run(cfg), Objective.from_config(OmegaConf.to_container(cfg.objective, resolve=True)))
     except SIGTERMException:
         log.warning("stopped by SIGTERM; a run resumes from its last.ckpt with resume=true (the default)")
         raise SystemExit(SIGTERM_EXIT_STATUS) from None
@@ -371,5 +467,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    sys.argv[1:] = canonical_overrides(sys.argv[1:])
+    sys.argv[1:] = checked_command_line(sys.argv[1:])
     main()

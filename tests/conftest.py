@@ -2,8 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # `make test` runs the files on several worker processes (pytest-xdist); each, and every training process a
+    # test starts, gets its share of the cores instead of all of them, which would oversubscribe them.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
@@ -14,3 +28,29 @@ def _seed() -> None:
 @pytest.fixture
 def images() -> torch.Tensor:
     return torch.randn(2, 3, 32, 32)
+
+
+REAL_DATA = "real_data"
+
+
+def _real_data_folder(factory: pytest.TempPathFactory) -> Path:
+    # The session's temporary root: a pytest-xdist worker's own root lies inside the controller's.
+    root = factory.getbasetemp()
+    return (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / REAL_DATA
+
+
+@pytest.fixture(scope="session")
+def real_data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One folder, shared by every test of the session and every pytest-xdist worker, where the real-data archives
+    are extracted once: the datamodules extract under a file lock and reuse a finished extraction."""
+    path = _real_data_folder(tmp_path_factory)
+    path.mkdir(exist_ok=True)
+    return path
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    # ~73k extracted files: removed once every worker is done (by the controller, or the only process), rather than
+    # left to pytest's rotation of old temporary folders.
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if factory is not None and not os.environ.get("PYTEST_XDIST_WORKER"):
+        shutil.rmtree(_real_data_folder(factory), ignore_errors=True)

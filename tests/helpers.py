@@ -112,6 +112,29 @@ def adapted(make: Callable[[], nn.Module], method: object, path: Path, name: str
     return model.eval()
 
 
+# How adapter.json recorded each method before format version 2: a Hydra `_target_` record with the settings.
+VERSION_1_TARGETS = {
+    "lora": "lora_vision.methods.LoRA",
+    "linear_probe": "lora_vision.methods.LinearProbe",
+    "bitfit": "lora_vision.methods.BitFit",
+    "full": "lora_vision.methods.FullFineTune",
+}
+
+
+def rewrite_record(file: Path, **entries: object) -> dict:
+    """Replace top-level entries of the JSON record `file` (an adapter.json, model.json, ...); return the record."""
+    record = {**json.loads(file.read_text()), **entries}
+    file.write_text(json.dumps(record, indent=2))
+    return record
+
+
+def as_version_1(file: Path) -> dict:
+    """Rewrite the adapter record `file` as lora_vision wrote it in format version 1; return the record."""
+    method = json.loads(file.read_text())["method"]
+    old_method = {"_target_": VERSION_1_TARGETS[method["name"]], **method["settings"]}
+    return rewrite_record(file, format_version=1, method=old_method)
+
+
 # One short epoch on a quarter of the smoke data: the sweep machinery is under test, not the training.
 FAST = ("+exp=smoke", "trainer.max_epochs=1", "data.num_samples=64", "data.num_test_samples=32")
 

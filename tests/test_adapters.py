@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import graphlib
 import json
 import struct
 from collections.abc import Callable
@@ -14,14 +16,17 @@ import timm
 import torch
 from torch import nn
 
+import lora_vision.adapters
 from lora_vision.adapters import (
     ADAPTER_META,
     ADAPTER_TENSORS,
+    FORMAT_VERSION,
     AdapterMismatchError,
     BaseWeightsMismatchError,
     adapter_state,
     load_adapted_model,
     load_adapter,
+    read_adapter_meta,
     save_adapter,
     weights_fingerprint,
 )
@@ -32,6 +37,7 @@ from tests.helpers import (
     RESNET_KWARGS,
     VIT_KWARGS,
     adapted,
+    as_version_1,
     perturb_trainable,
     randomize_adapters,
     tiny_resnet,
@@ -66,6 +72,42 @@ def test_round_trip_onto_a_fresh_base_gives_identical_logits(case: str, tmp_path
     assert not torch.allclose(make()(images), expected, atol=1e-3)
 
 
+@pytest.mark.parametrize("case", ["vit-qv-dora", "resnet-bitfit"])
+def test_an_adapter_of_format_version_1_loads_with_identical_logits(
+    case: str, tmp_path: Path, images: torch.Tensor
+) -> None:
+    make, method = CASES[case]
+    name, kwargs = ("resnet18", RESNET_KWARGS) if make is tiny_resnet else ("vit_small_patch16_224", VIT_KWARGS)
+    trained = adapted(make, method(), tmp_path, name, kwargs)
+    as_version_1(tmp_path / ADAPTER_META)
+    # Read as the current format: the `_target_` record becomes the method's name and settings.
+    assert read_adapter_meta(tmp_path)["method"] == method().config()
+    model, meta = load_adapted_model(tmp_path)
+    assert meta["format_version"] == FORMAT_VERSION
+    assert torch.equal(model(images), trained(images))
+
+
+def test_adapter_modules_import_one_way_at_module_level() -> None:
+    package = Path(lora_vision.adapters.__file__).parent
+    graph = {}
+    for file in sorted(package.glob("*.py")):
+        tree = ast.parse(file.read_text())
+        functions = [node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)]
+        late = [f.name for f in functions for node in ast.walk(f) if isinstance(node, ast.Import | ast.ImportFrom)]
+        assert late == [], f"{file.name} imports inside {late}"
+        ours = [
+            node
+            for node in tree.body
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lora_vision")
+        ]
+        private = [f"{node.module}.{alias.name}" for node in ours for alias in node.names if alias.name[0] == "_"]
+        assert private == [], f"{file.name} imports private names {private}"
+        inside = [node.module for node in ours if node.module.startswith("lora_vision.adapters")]
+        graph[file.stem] = {module.removeprefix("lora_vision.adapters").lstrip(".") or "__init__" for module in inside}
+    assert len(graph) > 4
+    list(graphlib.TopologicalSorter(graph).static_order())  # CycleError if two modules import each other
+
+
 def saved_keys(path: Path) -> set[str]:
     return set(safetensors.torch.load_file(path / ADAPTER_TENSORS))
 
@@ -93,7 +135,7 @@ def test_file_holds_the_trainable_tensors_only_and_its_size_is_their_bytes(tmp_p
     meta = json.loads((tmp_path / ADAPTER_META).read_text())
     assert meta["tensor_count"] == len(trainable) and meta["tensor_bytes"] == tensor_bytes
     assert [layer["parts"] for layer in meta["layers"]] == ["q,v"] * 4
-    assert meta["method"]["_target_"] == "lora_vision.methods.LoRA" and meta["method"]["rank"] == 4
+    assert meta["method"]["name"] == "lora" and meta["method"]["settings"]["rank"] == 4
 
 
 def test_pissa_adapter_also_holds_the_frozen_initial_factors(tmp_path: Path) -> None:

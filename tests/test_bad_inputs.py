@@ -42,6 +42,11 @@ from tests.helpers import composed
 CONFIG_CASES = {
     "unknown key": ("optim.learning_rate=0.1", ConfigCompositionException, ["optim.learning_rate"]),
     "unknown dataset": ("data=cifar1000", MissingConfigException, ["data/cifar1000", "cifar100", "synthetic"]),
+    "data keys of the experiment's dataset": (
+        "data=cifar10",
+        ConfigError,
+        ["data=cifar10 has no keys num_classes", "+exp=smoke", "~data.num_classes", "data=synthetic"],
+    ),
     "wrong type: rank": ("lora.rank=abc", LoRAConfigError, ["lora.rank", "'abc'", "integer >= 1"]),
     "wrong type: batch size": ("data.batch_size=2.5", ConfigError, ["data.batch_size=2.5", "an integer > 0"]),
     "wrong type: lr": ("optim.lr=fast", ConfigError, ["optim.lr='fast'", "a number > 0"]),

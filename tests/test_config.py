@@ -21,7 +21,7 @@ from lora_vision.cli import canonical_overrides
 from lora_vision.config_checks import ConfigError, check_config
 from lora_vision.data import DatasetNotFoundError
 from lora_vision.lora import LoRAConfigError
-from lora_vision.lora.config import SETTINGS
+from lora_vision.lora.config import SETTINGS, LoraConfig
 from lora_vision.models import build_model
 from tests.helpers import CONF, composed
 
@@ -76,10 +76,17 @@ def test_every_method_runs_with_every_experiment(exp: str, option: str) -> None:
             assert method.rank == cfg.lora.rank and method.variant == option
 
 
-def test_the_lora_group_declares_exactly_the_lora_config_fields() -> None:
-    # LoraConfig is the one home of the settings; the Hydra group lists each (with its comment) and nothing else.
-    declared = OmegaConf.load(CONF / "lora" / "lora.yaml")
-    assert sorted(key for key in declared if key != "_target_") == sorted(SETTINGS)
+def test_the_lora_group_takes_every_default_from_lora_config() -> None:
+    # One source of defaults: the composed `lora` node holds exactly LoraConfig's fields, each at its Python default,
+    # so `python -m lora_vision.train lora.rank=8` and `apply_lora(model, "qv", rank=8)` train the same adapters.
+    with composed() as cfg:
+        node = OmegaConf.to_container(cfg.lora, resolve=True)
+        method = instantiate(cfg.lora)
+    assert node.pop("_target_") == "lora_vision.methods.LoRA"
+    assert node == LoraConfig().settings()
+    assert method.settings == LoraConfig()
+    with composed("lora.rank=8") as cfg:
+        assert instantiate(cfg.lora).settings.describe()["alpha"] == 8.0
     for option in group_options("lora"):
         own = OmegaConf.load(CONF / "lora" / f"{option}.yaml")
         assert set(own) - {"_target_", "defaults"} <= set(SETTINGS), option
@@ -304,7 +311,8 @@ def test_experiment_sweep_and_debug_compose_the_same_in_any_order(exp: str) -> N
 def test_optuna_sweep_maximises_with_a_seeded_sampler() -> None:
     hydra_cfg = sweep_config("vit_r8", "optuna").hydra
     assert hydra_cfg.sweeper._target_.endswith("OptunaSweeper")
-    assert hydra_cfg.sweeper.direction == "maximize"
+    # The study's direction follows objective.mode (lora_vision.search.sweeper): max, maximised.
+    assert hydra_cfg.sweeper.direction is None
     assert hydra_cfg.sweeper.sampler._target_ == "optuna.samplers.TPESampler"
     assert hydra_cfg.sweeper.sampler.seed is not None
     assert set(hydra_cfg.sweeper.params) == {"optim.lr", "lora.rank", "lora.alpha", "lora.targets"}
@@ -321,7 +329,7 @@ def test_optuna_sweep_maximises_with_a_seeded_sampler() -> None:
 
 def test_pareto_search_returns_two_objectives_to_two_directions() -> None:
     hydra_cfg = sweep_config("vit_r8", "optuna_pareto").hydra
-    assert list(hydra_cfg.sweeper.direction) == ["maximize", "minimize"]
+    assert hydra_cfg.sweeper.direction is None  # [maximize, minimize], from objective.mode and objective.pareto
     assert hydra_cfg.sweeper.study_name == "vit_r8_pareto"
     with composed("+exp=vit_r8", "+sweep=optuna_pareto") as cfg:
         assert cfg.objective.pareto

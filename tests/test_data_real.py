@@ -1,6 +1,5 @@
 """Optional checks on the real offline archives next to the repository (skipped when absent)."""
 
-import shutil
 from collections import Counter
 
 import pytest
@@ -21,12 +20,10 @@ def require(path):
     return path
 
 
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-    # The extracted archives hold ~73k files; pytest's rotation of old temp dirs would keep three copies.
-    path = tmp_path_factory.mktemp("real_data")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+@pytest.fixture
+def cache_dir(real_data_root):
+    # Extracted once for the session, and shared with the real-data training runs (conftest.py).
+    return real_data_root
 
 
 def test_cifar10_archive_gives_the_standard_splits_and_classes(cache_dir):

@@ -18,7 +18,7 @@ from lora_vision.evaluate import evaluate_model, load_source, locate_source, mai
 from lora_vision.export import main as export_main
 from lora_vision.methods import LoRA
 from lora_vision.train import run
-from tests.helpers import VIT_KWARGS, adapted, composed, tiny_vit
+from tests.helpers import VIT_KWARGS, adapted, composed, make_vtab1k_layout, rewrite_record, tiny_vit
 
 
 class Recorder(nn.Identity):
@@ -51,7 +51,7 @@ def test_evaluate_model_on_known_logits() -> None:
 def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The smoke experiment, checkpointing its *worst* epoch, so the best checkpoint is not the final weights."""
     run_dir = tmp_path_factory.mktemp("smoke")
-    with composed("+exp=smoke", "callbacks.model_checkpoint.mode=min", output_dir=run_dir) as cfg:
+    with composed("+exp=smoke", "objective.mode=min", output_dir=run_dir) as cfg:
         run(cfg)
         (run_dir / ".hydra").mkdir()
         OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")  # what @hydra.main leaves in a run directory
@@ -81,7 +81,7 @@ def test_a_run_saves_the_adapter_of_its_best_checkpoint(smoke_run: Path) -> None
 
 
 def test_without_a_test_the_best_checkpoint_is_loaded_for_the_adapter(tmp_path: Path) -> None:
-    with composed("+exp=smoke", "callbacks.model_checkpoint.mode=min", "test=false", output_dir=tmp_path) as cfg:
+    with composed("+exp=smoke", "objective.mode=min", "test=false", output_dir=tmp_path) as cfg:
         run(cfg)
     assert_adapter_holds_the_best_checkpoint(tmp_path)
 
@@ -96,7 +96,7 @@ def test_cli_reproduces_the_recorded_test_and_validation_accuracy(smoke_run: Pat
     assert json.loads((smoke_run / "eval" / "synthetic_test.json").read_text())["acc1"] == test["acc1"]
     assert "top-1" in capsys.readouterr().out
     val = main([str(smoke_run), "--split", "val"])
-    assert val["acc1"] == pytest.approx(record["best_val_acc1"], abs=1e-6)
+    assert val["acc1"] == pytest.approx(record["objective_metric_value"], abs=1e-6)
 
 
 def test_a_composed_data_option_gives_the_same_data(smoke_run: Path, tmp_path: Path) -> None:
@@ -180,3 +180,19 @@ def test_load_source_tells_the_kinds_apart(smoke_run: Path, bare_adapter: Path) 
     loaded = load_source(bare_adapter)
     assert loaded.kind == "adapter" and loaded.num_classes == 10 and loaded.data_cfg is None
     assert loaded.image_size == 32 and not loaded.model.training
+
+
+def test_a_vtab1k_evaluation_is_named_by_its_task(bare_adapter: Path, tmp_path: Path) -> None:
+    root = make_vtab1k_layout(tmp_path / "vtab-1k")
+    vtab = ("data=vtab1k", f"data.root={root}", "data.image_size=32", "data.num_workers=0")
+    with composed(*vtab, "data.task=eurosat") as cfg:  # eurosat and svhn: 10 classes, as the adapter's head
+        rewrite_record(bare_adapter / "adapter.json", data=OmegaConf.to_container(cfg.data, resolve=True))
+    recorded = main([str(bare_adapter)])
+    assert recorded["data"] == "vtab1k-eurosat" and recorded["images"] == 4
+    assert (bare_adapter / "eval" / "vtab1k-eurosat_test.json").is_file()
+    chosen = main([str(bare_adapter), *vtab[:2], "data.task=svhn", "data.num_workers=0", "--split", "val"])
+    assert chosen["data"] == "vtab1k-svhn"
+    assert sorted(p.name for p in (bare_adapter / "eval").iterdir()) == [
+        "vtab1k-eurosat_test.json",
+        "vtab1k-svhn_val.json",
+    ]

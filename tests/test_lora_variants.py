@@ -11,9 +11,19 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import nn
 
-from lora_vision.lora import LoRAConfigError, LoRAConv2d, LoRALinear, apply_lora, merge_lora, unmerge_lora
+import lora_vision.lora.config
+from lora_vision.lora import (
+    LoraConfig,
+    LoRAConfigError,
+    LoRAConv2d,
+    LoRALinear,
+    apply_lora,
+    merge_lora,
+    unmerge_lora,
+)
 from lora_vision.lora.variants import VARIANTS as REGISTERED
-from lora_vision.methods import BitFit, FullFineTune, LinearProbe, LoRA
+from lora_vision.lora.variants import LoraVariant
+from lora_vision.methods import BitFit, FullFineTune, LinearProbe, LoRA, method_from_config
 from lora_vision.module import Classifier
 from lora_vision.report.collect import VARIANT_LABELS
 from tests.helpers import composed, randomize_adapters, tiny_resnet, tiny_vit
@@ -132,6 +142,63 @@ def test_pissa_starts_from_the_principal_part_and_keeps_w0_untouched(kind: str) 
     torch.testing.assert_close(layer(x), dense(x), atol=1e-5, rtol=1e-5)
 
 
+def test_rslora_dora_and_pissa_together_compute_their_documented_function() -> None:
+    # W' = m * (W0 + dW) / ||W0 + dW|| per output channel, dW = alpha / sqrt(r) * (B A - B0 A0), per adapted slot.
+    dim = 12
+    base = nn.Linear(dim, 3 * dim)
+    family = {"rslora": True, "dora": True, "init": "pissa"}
+    layer = LoRALinear(copy.deepcopy(base), rank=2, alpha=3.0, num_slots=3, slots=(0, 2), **family)
+    x = torch.randn(4, dim)
+    assert torch.equal(layer(x), base(x)) and layer.scale == 3.0 / math.sqrt(2)
+    a0, b0 = layer.pissa_A0.clone(), layer.pissa_B0.clone()
+    randomize_adapters(layer)
+    weight = base.weight.detach().clone()
+    for i, slot in enumerate((0, 2)):
+        rows = slice(slot * dim, (slot + 1) * dim)
+        delta = layer.scale * (layer.lora_B[i] @ layer.lora_A[i] - b0[i] @ a0[i])
+        weight[rows] = dora_weight(base.weight[rows], delta, layer.lora_magnitude[i])
+    expected = F.linear(x, weight, base.bias)
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        layer.merge()
+        torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(layer.base.weight, weight, atol=1e-5, rtol=1e-5)
+
+
+class HalfScale(LoraVariant):
+    """Throwaway variants that both replace the scale; only the test below registers them."""
+
+    name = "halfscale"
+    label = "half scale"
+    setting = ("rslora", True)
+
+    def scale(self, layer: nn.Module) -> float:
+        return layer.alpha / layer.rank / 2
+
+
+class DoubleScale(HalfScale):
+    name = "doublescale"
+    label = "double scale"
+    setting = ("init", "doubled")
+
+    def scale(self, layer: nn.Module) -> float:
+        return 2 * layer.alpha / layer.rank
+
+
+def test_variants_that_both_replace_the_scale_are_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    others = [v for v in REGISTERED if v.setting[0] not in ("rslora", "init")]
+    registry = tuple(sorted([*others, HalfScale, DoubleScale], key=lambda v: v.name))
+    monkeypatch.setattr(lora_vision.lora.config, "VARIANTS", registry)
+    message = "LoRA variants doublescale and halfscale do not compose: both override scale"
+    with pytest.raises(LoRAConfigError, match=message):
+        LoraConfig(init="doubled", rslora=True)
+    with pytest.raises(LoRAConfigError, match=message):
+        LoRALinear(nn.Linear(8, 8), rank=2, init="doubled", rslora=True)
+    # Either one alone composes, with a variant that changes other hooks too.
+    assert LoraConfig(init="doubled", dora=True).variant == "dora+doublescale"
+    assert LoRALinear(nn.Linear(8, 8), rank=2, alpha=4.0, init="doubled", dora=True).scale == 4.0
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("model_name", list(MODELS))
 def test_variants_start_unchanged_and_merge_exactly(variant: str, model_name: str, images: torch.Tensor) -> None:
@@ -242,7 +309,7 @@ def test_bitfit_trains_every_bias_and_the_head() -> None:
     ids=lambda m: m.name,
 )
 def test_config_rebuilds_an_equal_method(method) -> None:
-    rebuilt = instantiate(method.config())
+    rebuilt = method_from_config(method.config())
     assert type(rebuilt) is type(method) and rebuilt.describe() == method.describe()
     first, second = tiny_vit(), tiny_vit()
     assert method.apply(first).to_dict() == rebuilt.apply(second).to_dict()

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
 import peft
@@ -16,35 +18,39 @@ import torch
 from packaging.specifiers import SpecifierSet
 from torch import nn
 
-from lora_vision.adapters import load_adapted_model, load_adapter
-from lora_vision.evaluate import load_source
-from lora_vision.export import main as export_main
-from lora_vision.lora import LoRALayer
-from lora_vision.methods import LoRA
-from lora_vision.peft_format import (
+from lora_vision.adapters import (
     PEFT_CONFIG,
     PEFT_VERSIONS,
     SIDE_META,
     PeftFormatError,
+    load_adapted_model,
+    load_adapter,
     load_peft_adapted_model,
     save_peft_adapter,
 )
+from lora_vision.evaluate import load_source
+from lora_vision.export import main as export_main
+from lora_vision.lora import LoRALayer
+from lora_vision.lora.variants import LoraVariant
+from lora_vision.lora.variants.base import PeftForm
+from lora_vision.methods import LoRA
 from tests.helpers import RESNET_KWARGS, VIT_KWARGS, adapted, tiny_resnet, tiny_vit
 
 VIT, RESNET = "vit_small_patch16_224", "resnet18"
 
-# Runs in a fresh interpreter that imports timm and peft only: PEFT's own loading must reproduce our logits.
+# Runs in a fresh interpreter that imports timm and peft only: PEFT's own loading must reproduce our logits. One
+# interpreter serves every case (each spec in the list): starting one costs more than the cases together.
 PEFT_ONLY = """
 import json, sys
 import safetensors.torch, timm, torch
 from peft import PeftModel
-spec = json.loads(sys.argv[1])
-model = timm.create_model(spec["name"], pretrained=False, num_classes=10, **spec["kwargs"])
-model.load_state_dict(safetensors.torch.load_file(spec["base"]))
-model = PeftModel.from_pretrained(model, spec["adapter"]).eval()
-with torch.no_grad():
-    logits = model(safetensors.torch.load_file(spec["images"])["x"])
-safetensors.torch.save_file({"y": logits.contiguous()}, spec["out"])
+for spec in json.loads(sys.argv[1]):
+    model = timm.create_model(spec["name"], pretrained=False, num_classes=10, **spec["kwargs"])
+    model.load_state_dict(safetensors.torch.load_file(spec["base"]))
+    model = PeftModel.from_pretrained(model, spec["adapter"]).eval()
+    with torch.no_grad():
+        logits = model(safetensors.torch.load_file(spec["images"])["x"])
+    safetensors.torch.save_file({"y": logits.contiguous()}, spec["out"])
 assert not [name for name in sys.modules if name.startswith("lora_vision")]
 """
 
@@ -71,21 +77,40 @@ def base_weights(make, path: Path) -> Path:
     return path
 
 
-def peft_logits(
-    tmp_path: Path, name: str, kwargs: dict, base: Path, adapter: Path, images: torch.Tensor
-) -> torch.Tensor:
-    safetensors.torch.save_file({"x": images}, tmp_path / "images.safetensors")
-    spec = {
-        "name": name,
-        "kwargs": kwargs,
-        "base": str(base),
-        "adapter": str(adapter),
-        "images": str(tmp_path / "images.safetensors"),
-        "out": str(tmp_path / "peft_logits.safetensors"),
-    }
-    done = subprocess.run([sys.executable, "-c", PEFT_ONLY, json.dumps(spec)], capture_output=True, text=True)
+@dataclass
+class Exported:
+    model: nn.Module
+    ours: torch.Tensor
+    peft: Path
+    peft_logits: Path
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Exported]:
+    """Every case adapted, exported for PEFT, and loaded by PEFT in one interpreter that imports timm and peft only."""
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    cases, specs = {}, []
+    for case, (name, make, kwargs, settings) in CASES.items():
+        folder = tmp_path_factory.mktemp(case)
+        model = adapted(make, LoRA(rank=4, alpha=8.0, **settings), folder / "ours", name, kwargs)
+        with torch.no_grad():
+            ours = model(images)
+        export_main([str(folder / "ours"), "--format", "peft", "--out", str(folder / "peft")])
+        safetensors.torch.save_file({"x": images}, folder / "images.safetensors")
+        cases[case] = Exported(model, ours, folder / "peft", folder / "peft_logits.safetensors")
+        specs.append(
+            {
+                "name": name,
+                "kwargs": kwargs,
+                "base": str(base_weights(make, folder / "base.safetensors")),
+                "adapter": str(folder / "peft"),
+                "images": str(folder / "images.safetensors"),
+                "out": str(folder / "peft_logits.safetensors"),
+            }
+        )
+    done = subprocess.run([sys.executable, "-c", PEFT_ONLY, json.dumps(specs)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    return safetensors.torch.load_file(tmp_path / "peft_logits.safetensors")["y"]
+    return cases
 
 
 def factors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -94,25 +119,84 @@ def factors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_exported_adapter_gives_our_logits_in_peft_and_comes_back_bit_identical(
-    tmp_path: Path, images: torch.Tensor, case: str
+    exported: dict[str, Exported], images: torch.Tensor, case: str
 ) -> None:
-    name, make, kwargs, settings = CASES[case]
-    model = adapted(make, LoRA(rank=4, alpha=8.0, **settings), tmp_path / "ours", name, kwargs)
-    with torch.no_grad():
-        ours = model(images)
-    export_main([str(tmp_path / "ours"), "--format", "peft", "--out", str(tmp_path / "peft")])
-    config = json.loads((tmp_path / "peft" / PEFT_CONFIG).read_text())
-    assert config["base_model_name_or_path"] == name and config["peft_type"] == "LORA"
-    logits = peft_logits(
-        tmp_path, name, kwargs, base_weights(make, tmp_path / "base.safetensors"), tmp_path / "peft", images
-    )
-    torch.testing.assert_close(logits, ours, atol=1e-5, rtol=1e-5)
+    result = exported[case]
+    config = json.loads((result.peft / PEFT_CONFIG).read_text())
+    assert config["base_model_name_or_path"] == CASES[case][0] and config["peft_type"] == "LORA"
+    logits = safetensors.torch.load_file(result.peft_logits)["y"]
+    torch.testing.assert_close(logits, result.ours, atol=1e-5, rtol=1e-5)
 
-    back = load_source(tmp_path / "peft").model  # as evaluate and analyze read it
+    back = load_source(result.peft).model  # as evaluate and analyze read it
+    model = result.model
     assert factors(back).keys() == factors(model).keys()
     assert all(torch.equal(factors(back)[k], v) for k, v in factors(model).items())
     with torch.no_grad():
-        assert torch.equal(back(images), ours)
+        assert torch.equal(back(images), model(images))
+
+
+# Runs the load call the export prints (read from stdin) in a fresh interpreter that imports timm and peft only.
+PRINTED_CALL = """
+import sys
+import safetensors.torch, torch
+exec(sys.stdin.read())
+with torch.no_grad():
+    logits = model.eval()(safetensors.torch.load_file(sys.argv[1])["x"])
+safetensors.torch.save_file({"y": logits.contiguous()}, sys.argv[2])
+assert not [name for name in sys.modules if name.startswith("lora_vision")]
+"""
+
+
+def test_the_export_prints_the_exact_peft_load_call(tmp_path: Path, images: torch.Tensor, capsys) -> None:
+    model = adapted(tiny_vit, LoRA(rank=4, alpha=8.0, targets=["qv"], dora=True), tmp_path / "ours", VIT, VIT_KWARGS)
+    export_main([str(tmp_path / "ours"), "--format", "peft", "--out", str(tmp_path / "peft")])
+    code = textwrap.dedent(capsys.readouterr().out.split("load with:\n", 1)[1])
+    assert "num_classes=10, depth=4, embed_dim=64" in code and str((tmp_path / "peft").resolve()) in code
+    safetensors.torch.save_file({"x": images}, tmp_path / "images.safetensors")
+    out = tmp_path / "logits.safetensors"
+    command = [sys.executable, "-c", PRINTED_CALL, str(tmp_path / "images.safetensors"), str(out)]
+    done = subprocess.run(command, input=code, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with torch.no_grad():
+        torch.testing.assert_close(safetensors.torch.load_file(out)["y"], model(images), atol=1e-5, rtol=1e-5)
+
+
+class Unmapped(LoraVariant):
+    """A variant that defines no PEFT hooks; only this test puts it on a layer."""
+
+    name = "unmapped"
+    label = "Unmapped"
+    setting = ("init", "unmapped")
+
+
+def test_a_variant_without_a_peft_mapping_is_refused_by_name(tmp_path: Path) -> None:
+    model = adapted(tiny_vit, LoRA(rank=2, targets=["qv"]), tmp_path / "ours", VIT, VIT_KWARGS)
+    layer = model.blocks[1].attn.qkv
+    layer.variants = (*layer.variants, Unmapped())
+    with pytest.raises(PeftFormatError, match=r"blocks\.1\.attn\.qkv: variant unmapped has no PEFT mapping"):
+        save_peft_adapter(model, tmp_path / "peft", {"model_name": VIT})
+    assert not (tmp_path / "peft").exists()
+
+
+class Rescaled(Unmapped):
+    """A variant whose PEFT hooks leave the form as plain LoRA's although its scale is not alpha / r."""
+
+    name = "rescaled"
+
+    def to_peft(self, layer: LoRALayer, form: PeftForm) -> PeftForm:
+        return form
+
+    def from_peft(self, layer: LoRALayer, form: PeftForm) -> PeftForm:
+        return form
+
+
+def test_a_scale_peft_cannot_express_is_refused(tmp_path: Path) -> None:
+    model = adapted(tiny_vit, LoRA(rank=2, alpha=4.0, targets=["qv"]), tmp_path / "ours", VIT, VIT_KWARGS)
+    layer = model.blocks[0].attn.qkv
+    layer.variants = (*layer.variants, Rescaled())
+    layer.scale = 3 * layer.scale
+    with pytest.raises(PeftFormatError, match=r"blocks\.0\.attn\.qkv: PEFT's scaling .* cannot give this adapter's"):
+        save_peft_adapter(model, tmp_path / "peft", {"model_name": VIT})
 
 
 def test_qv_slots_become_one_block_structured_lora_on_the_whole_qkv(tmp_path: Path) -> None:

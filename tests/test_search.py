@@ -1,30 +1,47 @@
 """The Optuna sweeper (`+sweep=optuna`, lora_vision.search): search space, failed and pruned trials, resuming a
-study, two workers on one study, the two-objective Pareto front and seeded reproducibility."""
+study, two workers on one study and its budget when they race, a seed per trial, the two-objective Pareto front
+and seeded reproducibility."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
 import subprocess
 import sys
+import threading
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
 import optuna
 import pytest
+from hydra import compose, initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.plugins import Plugins
 from hydra.plugins.sweeper import Sweeper
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 from packaging.version import Version
 
+from lora_vision.cli import canonical_overrides, checked_command_line
 from lora_vision.report.collect import pareto_front
+from lora_vision.search import sweeper as sweeper_module
+from lora_vision.search.seeding import SEED_ATTR, trial_seed
 from lora_vision.search.space import SearchSpaceError, as_override, parse_search_space
 from lora_vision.search.storage import load_study
-from lora_vision.search.sweeper import SweepConfigError, directions, objective_values
-from tests.helpers import FAST, launch, multirun, records
+from lora_vision.search.sweeper import (
+    SURPLUS_ATTR,
+    OptunaSweeper,
+    SweepConfigError,
+    counted,
+    directions,
+    objective_values,
+)
+from tests.helpers import CONF, FAST, launch, multirun, records
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,6 +87,29 @@ def test_search_space_reads_hydra_sweep_syntax() -> None:
         parse_search_space(["optim.lr=glob(*)"])
 
 
+def grid(distribution: BaseDistribution) -> list:
+    """Every value a discrete distribution can draw."""
+    if isinstance(distribution, CategoricalDistribution):
+        return list(distribution.choices)
+    assert isinstance(distribution, IntDistribution)
+    return list(range(distribution.low, distribution.high + 1, distribution.step))
+
+
+@pytest.mark.parametrize(
+    "sweep", ["range(1,11,3)", "range(0.1,0.7,0.2)", "range(10,0,-3)", "range(0,1,0.1)", "range(4)", "range(2.0,3.0)"]
+)
+def test_a_range_searches_the_values_hydras_basic_sweeper_runs(sweep: str) -> None:
+    overrides = OverridesParser.create().parse_overrides([f"x={sweep}"])
+    (jobs,) = BasicSweeper.split_arguments(overrides, None)
+    space, _ = parse_search_space([f"x={sweep}"])
+    assert sorted(as_override("x", v) for v in grid(space["x"])) == sorted(job for (job,) in jobs)
+
+
+def test_an_empty_range_is_refused() -> None:
+    with pytest.raises(SearchSpaceError, match=re.escape("x=range(5,1): the range has no values")):
+        parse_search_space(["x=range(5,1)"])
+
+
 def test_directions_and_returned_values_are_checked() -> None:
     assert directions("maximize") == ["maximize"]
     assert directions(["maximize", "minimize"]) == ["maximize", "minimize"]
@@ -84,8 +124,13 @@ def test_directions_and_returned_values_are_checked() -> None:
 
 def test_failed_trials_are_told_as_failed_and_the_best_is_found(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "optuna"
-    # With the sampler's fixed seed two of the three trials draw rank 999, which fails while the adapters are applied.
-    trials = ("hydra.sweeper.n_trials=3", "lora.rank=choice(2,999)", "objective.param_penalty=0.01")
+    # With seed 3 two of the three trials draw rank 999, which fails while the adapters are applied.
+    trials = (
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.sampler.seed=3",
+        "lora.rank=choice(2,999)",
+        "objective.param_penalty=0.01",
+    )
     done = multirun(sweep_dir, "+sweep=optuna", *trials)
     assert done.returncode == 0, done.stderr[-3000:]
     found = records(sweep_dir)
@@ -148,6 +193,18 @@ def test_the_pruner_stops_hopeless_trials_and_a_rerun_continues_the_study(tmp_pa
     assert spent.returncode == 0 and len(study(sweep_dir).trials) == 5
 
 
+def two_workers(tmp_path: Path, command: list[str], **env: str) -> list[str]:
+    """The logs of two copies of `command` started at once from `tmp_path`, offline, once both have succeeded."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), **env}
+    workers = [
+        subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]
+    logs = [worker.communicate(timeout=300)[0] for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0], "\n".join(log[-2000:] for log in logs)
+    return logs
+
+
 # The default SQLite database, and an Optuna journal file (what workers on a network file system should use).
 @pytest.mark.parametrize("storage", ["sqlite:///{}/optuna.db", "{}/optuna.log"])
 def test_two_workers_share_one_study_and_run_no_trial_twice(tmp_path: Path, storage: str) -> None:
@@ -163,18 +220,184 @@ def test_two_workers_share_one_study_and_run_no_trial_twice(tmp_path: Path, stor
         f"hydra.sweeper.storage={storage.format(sweep_dir)}",
         f"hydra.sweep.dir={sweep_dir}",
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)}
-    workers = [
-        subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for _ in range(2)
-    ]
-    logs = [worker.communicate(timeout=300)[0] for worker in workers]
-    assert [worker.returncode for worker in workers] == [0, 0], "\n".join(log[-2000:] for log in logs)
+    logs = two_workers(tmp_path, command)
     launched = [[n for n in range(6) if f" trial={n}\n" in log] for log in logs]
     assert all(launched), "a worker ran no trial"  # both pulled from the study
     assert sorted(launched[0] + launched[1]) == list(range(6))  # every trial once, none twice
     assert {name: r["trial"] for name, r in records(sweep_dir).items()} == {str(n): n for n in range(6)}
-    assert [t.state for t in study(sweep_dir, storage=storage).trials] == [TrialState.COMPLETE] * 6
+    trials = study(sweep_dir, storage=storage).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 6
+    # Each trial drew with a seed of its own, so the workers, started together, proposed six different points.
+    assert len({str(t.params) for t in trials}) == 6
+
+
+# Run as `python -c RACING_WORKER ARGS` instead of `python -m lora_vision.train ARGS`: the two workers start the
+# search together and then wait for each other before asking for a trial, so that both have counted the trials
+# already started before either starts one (a worker waiting for the other's claim lock is let go after 5 s).
+RACING_WORKER = """
+import os, runpy, time
+from pathlib import Path
+import optuna
+
+def together(original, step, timeout):
+    def wrapper(*args, **kwargs):
+        folder = Path(os.environ["RENDEZVOUS_DIR"])
+        (folder / f"{step}.{os.getpid()}").touch()
+        deadline = time.monotonic() + timeout
+        while len(list(folder.glob(f"{step}.*"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return original(*args, **kwargs)
+    return wrapper
+
+optuna.create_study = together(optuna.create_study, "start", 120)
+optuna.Study.ask = together(optuna.Study.ask, "ask", 5)
+runpy.run_module("lora_vision.train", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_two_workers_racing_for_the_last_trial_start_only_one(tmp_path: Path) -> None:
+    sweep_dir, rendezvous = tmp_path / "optuna", tmp_path / "rendezvous"
+    rendezvous.mkdir()
+    command = [sys.executable, "-c", RACING_WORKER, "-m", *FAST, "+sweep=optuna", "hydra.sweeper.n_trials=1"]
+    logs = two_workers(tmp_path, [*command, f"hydra.sweep.dir={sweep_dir}"], RENDEZVOUS_DIR=str(rendezvous))
+    assert len(list(rendezvous.glob("start.*"))) == 2  # both searched the study at once
+    assert [t.state for t in study(sweep_dir).trials] == [TrialState.COMPLETE]
+    assert sum(" trial=0\n" in log for log in logs) == 1
+
+
+def test_a_continued_search_draws_new_points_and_the_report_names_the_seed(tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "optuna"
+    first = multirun(sweep_dir, "+sweep=optuna", "hydra.sweeper.n_trials=1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    # The same command with a larger budget: TPE is still drawing at random, with a seed the first launch never used.
+    again = multirun(sweep_dir, "+sweep=optuna", "hydra.sweeper.n_trials=2")
+    assert again.returncode == 0, again.stderr[-3000:]
+    trials = study(sweep_dir).trials
+    assert len(trials) == 2 and trials[0].params != trials[1].params
+    assert [t.user_attrs[SEED_ATTR] for t in trials] == [trial_seed(0, 0), trial_seed(0, 1)]
+    log = again.stdout + again.stderr
+    assert "1 of 2 trials already started; sampler TPESampler, seed 0 (" in log and "; pruner none" in log
+
+    best = OmegaConf.to_container(OmegaConf.load(sweep_dir / "optimization_results.yaml"))
+    assert best["seed"] == 0 and best["sampler"] == "TPESampler"
+    assert best["trial_seed"] == trial_seed(0, best["trial"])
+    # The value is a fraction, as the runs return it; the file says so.
+    completed = [r for r in records(sweep_dir).values() if r["status"] == "completed"]
+    assert math.isclose(best["best_value"], max(r["best_val_acc1"] for r in completed))
+    assert best["objective"].startswith("val/acc1 (max) penalised by 0.0 per tenfold")
+    assert "accuracies are fractions: 1.0 = 100 %" in best["objective"]
+    report = (sweep_dir / "report.md").read_text()
+    assert "Optuna search (optimization_results.yaml): sampler TPESampler, seed 0; each trial drew" in report
+
+
+TPE = {"_target_": "optuna.samplers.TPESampler", "seed": 0}
+ASK = optuna.Study.ask
+
+
+def racing_workers(storage: str, n_trials: int, count: int) -> list[tuple[OptunaSweeper, optuna.Study]]:
+    """`count` sweepers on one study, as separate processes would open it: each with its own storage object."""
+    workers = []
+    for _ in range(count):
+        sweeper = OptunaSweeper(
+            sampler=OmegaConf.create(TPE),
+            direction="maximize",
+            storage=storage,
+            study_name="race",
+            n_trials=n_trials,
+            n_jobs=1,
+            max_failure_rate=1.0,
+            params=None,
+        )
+        sweeper.config = OmegaConf.create({})  # what `setup` gives it: an app without an objective
+        sweeper.directions = sweeper.study_directions()
+        workers.append((sweeper, sweeper.create_study()))
+    return workers
+
+
+@pytest.mark.parametrize(
+    ("objective", "direction", "expected"),
+    [
+        ({"mode": "max", "pareto": False}, None, ["maximize"]),
+        ({"mode": "min", "pareto": False}, None, ["minimize"]),
+        ({"mode": "max", "pareto": True}, None, ["maximize", "minimize"]),
+        ({"mode": "min", "pareto": False}, "minimize", ["minimize"]),
+        (None, None, ["maximize"]),
+        (None, "minimize", ["minimize"]),
+    ],
+)
+def test_the_study_direction_follows_the_objective(objective: dict | None, direction: str | None, expected) -> None:
+    # A run that selects its epoch by the lowest loss is searched for the lowest loss, with no second setting.
+    settings = {"storage": None, "study_name": "s", "n_trials": 1, "n_jobs": 1, "max_failure_rate": 1.0}
+    sweeper = OptunaSweeper(sampler=OmegaConf.create(TPE), direction=direction, params=None, **settings)
+    sweeper.config = OmegaConf.create({} if objective is None else {"objective": objective})
+    assert sweeper.study_directions() == expected
+
+
+def race(workers: list[tuple[OptunaSweeper, optuna.Study]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every worker claims and finishes trials until the budget is spent, all at once: each worker waits before it
+    asks for a trial until all have counted the trials started (or for a second, as a worker that waits for the
+    claim lock never gets there)."""
+    barrier = threading.Barrier(len(workers), timeout=1.0)
+
+    def ask_together(study: optuna.Study, *args, **kwargs) -> optuna.Trial:
+        with contextlib.suppress(threading.BrokenBarrierError):
+            barrier.wait()
+        return ASK(study, *args, **kwargs)
+
+    def work(sweeper: OptunaSweeper, study: optuna.Study) -> None:
+        space = {"lr": FloatDistribution(1e-4, 1e-2, log=True)}
+        while (trial := sweeper.claim(study, space)) is not None:
+            study.tell(trial, trial.params["lr"])
+
+    monkeypatch.setattr(optuna.Study, "ask", ask_together)
+    threads = [threading.Thread(target=work, args=worker) for worker in workers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+
+
+@pytest.mark.parametrize("storage", ["sqlite:///{}/optuna.db", "{}/optuna.log"])
+def test_workers_that_count_at_once_never_start_more_than_the_budget(
+    tmp_path: Path, storage: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A study in a file: the claim lock lets one worker at a time count and start, so none starts a surplus trial.
+    race(racing_workers(storage.format(tmp_path), n_trials=2, count=4), monkeypatch)
+    trials = load_study(storage.format(tmp_path), "race").trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+
+
+def test_without_a_lock_the_trial_number_keeps_the_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A study on a database server has no claim lock: all four workers count 0 of 2 and start a trial each.
+    monkeypatch.setattr(sweeper_module, "claim_lock", lambda storage: contextlib.nullcontext())
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    race(racing_workers(storage, n_trials=2, count=4), monkeypatch)
+    trials = load_study(storage, "race").trials
+    # The two numbered first ran; the others are marked, drew nothing and do not count.
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2 + [TrialState.FAIL] * 2
+    assert [counted(t) for t in trials] == [True, True, False, False]
+    assert all(SURPLUS_ATTR in t.user_attrs and not t.params for t in trials[2:])
+    # A larger budget later runs two more, numbered after the surplus ones.
+    race(racing_workers(storage, n_trials=4, count=1), monkeypatch)
+    assert [t.state for t in load_study(storage, "race").trials][4:] == [TrialState.COMPLETE] * 2
+
+
+def test_each_trial_draws_with_a_seed_of_its_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two launches and then a fresh study with the same seed: new points for the continued search, the same
+    # points for the same trial numbers of the fresh study.
+    continued, fresh = f"sqlite:///{tmp_path}/a.db", f"sqlite:///{tmp_path}/b.db"
+    for storage, budgets in ((continued, (3, 6)), (fresh, (6,))):
+        for n_trials in budgets:
+            race(racing_workers(storage, n_trials=n_trials, count=1), monkeypatch)
+    trials = load_study(continued, "race").trials
+    assert len({t.params["lr"] for t in trials}) == 6
+    assert [t.params for t in load_study(fresh, "race").trials] == [t.params for t in trials]
+    assert [t.user_attrs[SEED_ATTR] for t in trials] == [trial_seed(0, n) for n in range(6)]
+    assert len({trial_seed(0, n) for n in range(6)} | {trial_seed(1, 0)}) == 7
+    (sweeper, _), *_ = racing_workers(continued, n_trials=1, count=1)
+    sweeper.sampler.seed = -1
+    with pytest.raises(SweepConfigError, match=re.escape("hydra.sweeper.sampler.seed=-1: give an integer >= 0")):
+        sweeper.check()
 
 
 PARETO_SEARCH = (
@@ -215,7 +438,10 @@ def test_pareto_search_writes_the_front_and_same_seed_repeats_the_trials(tmp_pat
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (("+sweep=optuna", "objective.pareto=true"), "objective.pareto=True with hydra.sweeper.direction"),
+        (
+            ("+sweep=optuna", "objective.metric=val/loss", "objective.mode=min", "hydra.sweeper.direction=maximize"),
+            "hydra.sweeper.direction=maximize disagrees with objective.mode=min",
+        ),
         (
             ("+sweep=optuna", "hydra/sweeper/pruner=median", "hydra.sweeper.storage=null"),
             "hydra.sweeper.pruner needs hydra.sweeper.storage",
@@ -224,14 +450,23 @@ def test_pareto_search_writes_the_front_and_same_seed_repeats_the_trials(tmp_pat
         (("+sweep=optuna", "hydra.sweeper.n_trials=0"), "hydra.sweeper.n_trials=0: give an integer >= 1"),
     ],
 )
-def test_a_search_that_cannot_work_is_one_message_before_any_trial(
-    tmp_path: Path, overrides: tuple[str, ...], message: str
-) -> None:
+def test_a_search_that_cannot_work_is_refused_before_any_trial(overrides: tuple[str, ...], message: str) -> None:
+    # The sweeper as Hydra builds it from the composed config; the command line's message and exit status are
+    # checked once, below.
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=canonical_overrides([*FAST, *overrides]), return_hydra_config=True)
+    sweeper = instantiate(cfg.hydra.sweeper)
+    sweeper.config = cfg
+    with pytest.raises(SweepConfigError, match=re.escape(message)):
+        sweeper.check()
+
+
+def test_a_search_that_cannot_work_is_one_message_before_any_trial(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "optuna"
-    done = multirun(sweep_dir, *overrides)
+    done = multirun(sweep_dir, "+sweep=optuna", "hydra.sweeper.n_trials=0")
     assert done.returncode == 2
     assert done.stderr.startswith("optuna sweeper: error: ") or "\noptuna sweeper: error: " in done.stderr
-    assert message in done.stderr and "Traceback" not in done.stderr
+    assert "hydra.sweeper.n_trials=0: give an integer >= 1" in done.stderr and "Traceback" not in done.stderr
     assert not list(sweep_dir.glob("*/results.json"))
 
 
@@ -280,11 +515,14 @@ def test_any_hydra_app_can_search_with_the_sweeper(tmp_path: Path) -> None:
     assert len(list(sweep_dir.glob("*/.hydra/overrides.yaml"))) == 6
 
 
-def test_a_misspelt_search_key_or_storage_is_one_message_and_no_trial(tmp_path: Path) -> None:
+def test_a_misspelt_search_key_or_storage_is_one_message_and_no_trial(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     sweep_dir = tmp_path / "optuna"
-    done = multirun(sweep_dir, "+sweep=optuna", "lora.rnak=choice(1,2)")
-    assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert "optuna sweeper: error: a trial's config does not compose: Could not override 'lora.rnak'" in done.stderr
+    # Refused by the command line's check of its keys, before Hydra starts and so before a study exists.
+    with pytest.raises(SystemExit) as stopped:
+        checked_command_line(["-m", *FAST, "+sweep=optuna", "lora.rnak=choice(1,2)", f"hydra.sweep.dir={sweep_dir}"])
+    assert stopped.value.code == 2 and re.search(r": error: .*lora\.rnak", capsys.readouterr().err)
     assert not sweep_dir.exists()  # no study, no trial recorded for it
     bad = multirun(sweep_dir, "+sweep=optuna", "hydra.sweeper.storage=nosuchdb://x")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr

@@ -53,21 +53,16 @@ FLOOR_LORA = 0.45
 MARGIN = 0.02
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # One extraction of the archive serves both runs.
-    return tmp_path_factory.mktemp("cifar10")
-
-
 def train(overrides: tuple[str, ...], data_dir: Path, out: Path) -> dict:
     with composed(*overrides, f"data.root={data_dir}", output_dir=out) as cfg:
         return run(cfg)
 
 
 @needs_effnet
-def test_lora_beats_linear_probe_on_real_cifar10(data_dir: Path, tmp_path: Path) -> None:
-    lora = train((*BUDGET, "lora.targets=[conv1x1]", "lora.rank=8", "lora.alpha=8"), data_dir, tmp_path / "lora")
-    probe = train((*BUDGET, "lora=linear_probe"), data_dir, tmp_path / "probe")
+def test_lora_beats_linear_probe_on_real_cifar10(real_data_root: Path, tmp_path: Path) -> None:
+    # One extraction of the archive, shared with the archive tests (conftest.py), serves both runs.
+    lora = train((*BUDGET, "lora.targets=[conv1x1]", "lora.rank=8", "lora.alpha=8"), real_data_root, tmp_path / "lora")
+    probe = train((*BUDGET, "lora=linear_probe"), real_data_root, tmp_path / "probe")
     assert lora["status"] == probe["status"] == "completed"
     assert lora["trainable_params"] > probe["trainable_params"]
     assert lora["best_val_acc1"] >= FLOOR_LORA, lora
@@ -92,10 +87,9 @@ VIT_MARGIN = 0.05
 
 
 @needs_vit_tiny
-def test_vit_tiny_lora_beats_linear_probe_on_real_imagewoof(tmp_path_factory: pytest.TempPathFactory) -> None:
-    data_dir, out = tmp_path_factory.mktemp("imagewoof"), tmp_path_factory.mktemp("runs")
-    lora = train(VIT_BUDGET, data_dir, out / "lora")
-    probe = train((*VIT_BUDGET, "lora=linear_probe", "optim.lr=1e-3"), data_dir, out / "probe")
+def test_vit_tiny_lora_beats_linear_probe_on_real_imagewoof(real_data_root: Path, tmp_path: Path) -> None:
+    lora = train(VIT_BUDGET, real_data_root, tmp_path / "lora")
+    probe = train((*VIT_BUDGET, "lora=linear_probe", "optim.lr=1e-3"), real_data_root, tmp_path / "probe")
     assert lora["status"] == probe["status"] == "completed"
     assert (lora["steps"], lora["trainable_params"], probe["trainable_params"]) == (32, 75_658, 1_930)
     assert lora["best_val_acc1"] >= probe["best_val_acc1"] + VIT_MARGIN, (lora, probe)

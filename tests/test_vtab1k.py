@@ -23,9 +23,11 @@ from lora_vision.data import (
     DatasetNotFoundError,
     VTab1kDataModule,
 )
+from lora_vision.errors import UserError
 from lora_vision.report import build_report
 from lora_vision.report.collect import aggregate
 from lora_vision.report.vtab1k import PUBLISHED, vtab1k_markdown, vtab1k_means
+from lora_vision.train import run
 from tests.helpers import CONF, MINI_VTAB1K_IMAGES, composed, launch, make_vtab1k_layout, records
 
 # Checked against NOAH's dataset code (github.com/ZhangYuanhan-AI/NOAH, lib/datasets.py).
@@ -112,7 +114,7 @@ def test_the_experiments_hold_the_protocol_and_the_published_adapter_size(
     assert (data["image_size"], data["batch_size"], data["crop_mode"]) == (224, 64, "squash")
     assert data["train_augment"] is False
     assert (optim["lr"], optim["weight_decay"], optim["warmup_epochs"]) == (5e-3, 1e-4, 10)
-    assert settings["trainer"]["max_epochs"] == 100 and settings["callbacks"]["model_checkpoint"]["monitor"] is None
+    assert settings["trainer"]["max_epochs"] == 100 and settings["objective"]["select"] == "last"
     assert (lora["rank"], lora["alpha"], lora["targets"], lora["dropout"]) == (8, 8.0, targets, dropout)
     assert settings["model"]["kwargs"].get("drop_path_rate") == drop_path
     with torch.device("meta"):  # shapes only: the count needs no weights
@@ -260,10 +262,10 @@ def test_a_listed_image_that_is_missing_is_named_with_its_line(own_layout: Path)
 def test_a_training_run_stops_before_training_with_one_message(own_layout: Path, tmp_path: Path) -> None:
     (own_layout / "cifar" / "test.txt").unlink()
     run_dir = tmp_path / "run"
-    done = launch(tmp_path, "+exp=vtab1k_vit_b16_lora_qv", f"data.root={own_layout}", *TINY, f"hydra.run.dir={run_dir}")
-    assert done.returncode == 2, done.stderr[-3000:]
-    assert "python -m lora_vision.train: error: VTAB-1k list file" in done.stderr
-    assert "cifar/test.txt not found" in done.stderr and "Traceback" not in done.stderr
+    # A UserError: the command line prints it as one message (tests/test_train.py shows how).
+    refused = pytest.raises(UserError, match=r"VTAB-1k list file .*cifar/test\.txt not found")
+    with composed("+exp=vtab1k_vit_b16_lora_qv", f"data.root={own_layout}", *TINY, output_dir=run_dir) as cfg, refused:
+        run(cfg)
     assert not (run_dir / "checkpoints").exists()  # no epoch was trained
 
 
@@ -290,8 +292,9 @@ def test_the_sweep_runs_all_19_tasks_with_their_class_counts(sweep: Path) -> Non
     assert {r["status"] for r in found} == {"completed"}
     assert {r["protocol"] for r in found} == {"final"}
     assert [r["num_classes"] for r in found] == [CLASS_COUNTS[r["task"]] for r in found]
-    # The final protocol tests the last epoch and selects nothing on val200.
-    assert all(r["best_val_acc1"] is None and r["tested"] for r in found)
+    # The final protocol tests the last epoch, selected by nothing on val200, and keeps no best-epoch checkpoint.
+    assert all(r["tested"] and r["best_checkpoint"] is None for r in found)
+    assert all(r["objective_select"] == "last" and r["objective_epoch"] == r["max_epochs"] - 1 for r in found)
 
 
 def test_the_sweep_report_has_the_vtab1k_table_with_its_means(sweep: Path) -> None:

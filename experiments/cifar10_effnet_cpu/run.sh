@@ -17,5 +17,7 @@ train 'lora.targets=[conv1x1]' lora.rank=1,2,4,8,16 seed=1 hydra.sweep.dir="$out
 train 'lora.targets=[all_convs]' lora.rank=2,8 hydra.sweep.dir="$out/lora_all_convs"
 train 'lora.targets=[conv1x1]' lora.blocks=-3: lora.rank=8 hydra.sweep.dir="$out/lora_conv1x1_last3"
 train lora=full optim.lr=5e-4 seed=42,1 hydra.sweep.dir="$out/full"
+# The committed report.md and report.png were later redrawn from the committed report.csv
+# (python -m lora_vision.report --from-csv); README.md gives the command.
 .venv/bin/python -m lora_vision.report "$out" --out experiments/cifar10_effnet_cpu \
   --title "EfficientNet-Lite0 on CIFAR-10 (64 px, 5k train images, 3 epochs, CPU)"

@@ -16,5 +16,7 @@ train lora=linear_probe perf.cache_prefix=true optim.lr=1e-3 hydra.sweep.dir="$o
 train optim.lr=3e-3 lora.rank=1,4,16 hydra.sweep.dir="$out/lora_qv"
 train optim.lr=3e-3 'lora.targets=[all_linear]' hydra.sweep.dir="$out/lora_all_linear"
 train lora=full optim.lr=3e-4 hydra.sweep.dir="$out/full"
+# The committed report.md and report.png were later redrawn from the committed report.csv
+# (python -m lora_vision.report --from-csv); README.md gives the command.
 $py -m lora_vision.report "$out" --out "$here" \
   --title "A pretrained ViT-Ti on CIFAR-10 (224 px, 1k train images, 3 epochs, 1k test images, CPU)"

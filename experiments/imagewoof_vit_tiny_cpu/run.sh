@@ -52,6 +52,8 @@ train data.image_size=224 "${probe[@]}" hydra.sweep.dir="$grid224/linear_probe"
 train data.image_size=224 optim.lr="$lora_lr" hydra.sweep.dir="$grid224/lora_qv"
 train data.image_size=224 lora=full optim.lr="$full_lr" hydra.sweep.dir="$grid224/full"
 
+# The committed report.md and report.png, here and in lr_search/, were later redrawn from the committed
+# report.csv (python -m lora_vision.report --from-csv); README.md gives the commands.
 $py -m lora_vision.report "$grid" "$grid224" --out "$here" \
   --title "A pretrained ViT-Ti on Imagewoof (1k train images, 3 epochs, CPU)"
 

@@ -21,5 +21,7 @@ train lora.rank=1,4,8,16,32 hydra.sweep.dir="$out/alpha_8"
 train "$ranks" lora=rslora lora.alpha=2.8284271247461903 hydra.sweep.dir="$out/rslora"
 # alpha=null means alpha = rank; the experiment name keeps this line apart from the fixed-alpha one in the plot.
 train "$ranks" lora.alpha=null exp_name=imagewoof_vit_tiny_alpha_r hydra.sweep.dir="$out/alpha_r"
+# The committed report.md and report.png were later redrawn from the committed report.csv
+# (python -m lora_vision.report --from-csv); README.md gives the command.
 $py -m lora_vision.report "$out" --out "$here" \
   --title "Rank and scale separated: ViT-Ti q,v on Imagewoof (112 px, 1k train images, 3 epochs)"

@@ -14,6 +14,8 @@ train() {
     data.archive="$assets/data/cifar10/cifar10-jpeg.tar.gz" "$@"
 }
 train lora=lora,dora,pissa,rslora,loraplus,bitfit hydra.sweep.dir="$out/variants"
+# The committed report.md and report.png were later redrawn from the committed report.csv
+# (python -m lora_vision.report --from-csv); README.md gives the command.
 .venv/bin/python -m lora_vision.report "$out" --out "$here" \
   --title "The LoRA family on EfficientNet-Lite0, CIFAR-10 (64 px, 5k train images, 3 epochs, CPU)"
 .venv/bin/python -m lora_vision.analyze "$out/variants/0" --split val --out "$here/analysis_lora_r8"

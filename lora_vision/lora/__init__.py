@@ -8,6 +8,7 @@ from lora_vision.lora.inject import (
     lora_layers,
     merge_and_unload,
     merge_lora,
+    named_lora_layers,
     unmerge_lora,
 )
 from lora_vision.lora.layers import LoRAConv2d, LoRALayer, LoRALinear
@@ -29,6 +30,7 @@ __all__ = [
     "lora_layers",
     "merge_and_unload",
     "merge_lora",
+    "named_lora_layers",
     "resolve_targets",
     "summarize",
     "unmerge_lora",

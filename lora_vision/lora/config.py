@@ -13,6 +13,7 @@ from typing import Any
 
 from lora_vision.lora.errors import LoRAConfigError, check_hyperparameters, is_positive_number
 from lora_vision.lora.variants import VARIANTS, LoraVariant
+from lora_vision.lora.variants.base import check_composable
 
 
 def variant_name(variants: Iterable[str], loraplus: bool = False) -> str:
@@ -66,7 +67,9 @@ class LoraConfig:
         targets = [self.targets] if isinstance(self.targets, str) else self.targets
         if not isinstance(targets, Sequence) or not targets or not all(isinstance(t, str) and t for t in targets):
             raise LoRAConfigError(f"lora.targets must be a non-empty list of strings, got {self.targets!r}")
-        check_variant_settings({key: getattr(self, key) for key in VARIANT_FIELDS}, "lora.")
+        variant_settings = {key: getattr(self, key) for key in VARIANT_FIELDS}
+        check_variant_settings(variant_settings, "lora.")
+        check_composable(_switched_on(variant_settings))
         if not isinstance(self.train_head, bool):
             raise LoRAConfigError(f"lora.train_head must be true or false, got {self.train_head!r}")
         ratio = self.loraplus_lr_ratio
@@ -131,10 +134,17 @@ def check_variant_settings(settings: Mapping[str, Any], prefix: str = "") -> Non
             raise LoRAConfigError(f"{prefix}{key}={value!r} is not one of {', '.join(map(str, valid))}")
 
 
+def _switched_on(settings: Mapping[str, Any]) -> list[type[LoraVariant]]:
+    return [v for v in VARIANTS if settings.get(v.setting[0], PLAIN[v.setting[0]]) == v.setting[1]]
+
+
 def active_variants(settings: Mapping[str, Any]) -> list[LoraVariant]:
-    """New instances of the variants that `settings` (variant fields; missing ones plain) switch on."""
+    """New instances of the variants that `settings` (variant fields; missing ones plain) switch on; a
+    `LoRAConfigError` for a value no variant takes or for variants that do not compose."""
     check_variant_settings(settings)
-    return [v() for v in VARIANTS if settings.get(v.setting[0], PLAIN[v.setting[0]]) == v.setting[1]]
+    variants = _switched_on(settings)
+    check_composable(variants)
+    return [v() for v in variants]
 
 
 SETTINGS = tuple(f.name for f in fields(LoraConfig))

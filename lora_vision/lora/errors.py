@@ -1,4 +1,4 @@
-"""The one error type for bad LoRA settings, and the checks every entry point shares."""
+"""The error types of LoRA settings and of PEFT's format, and the checks every entry point shares."""
 
 from __future__ import annotations
 
@@ -10,6 +10,10 @@ from lora_vision.errors import UserError
 
 class LoRAConfigError(UserError, ValueError):
     """A LoRA setting is invalid. Raised before any module is modified."""
+
+
+class PeftFormatError(UserError, ValueError):
+    """An adapter that PEFT's format cannot carry exactly, or a PEFT adapter lora_vision cannot map."""
 
 
 def is_positive_number(value: Any) -> bool:

@@ -89,8 +89,13 @@ def apply_lora(model: nn.Module, targets: str | Sequence[str] | LoraConfig, **se
     return summarize(model)
 
 
+def named_lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
+    """Every LoRA layer of `model` by module name, in module order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALayer)}
+
+
 def lora_layers(model: nn.Module) -> list[LoRALayer]:
-    return [m for m in model.modules() if isinstance(m, LoRALayer)]
+    return list(named_lora_layers(model).values())
 
 
 def merge_lora(model: nn.Module) -> None:

@@ -26,7 +26,8 @@ BASELINE_LABELS = {"linear_probe": "linear probe", "bitfit": "BitFit", "full": "
 VARIANT_LABELS = {"lora": "LoRA", **{v.name: v.label for v in VARIANTS}, "loraplus": "LoRA+"}
 
 # Fields that describe what was run (the LoRA ones from LoraConfig; `task` and `protocol` of datasets with several
-# tasks, such as VTAB-1k). Runs equal in all of them except the seed form one row.
+# tasks, such as VTAB-1k; an Optuna search's `trial` number). Runs equal in all of them except the seed form one
+# row, so every search trial is a row of its own.
 CONFIG_FIELDS = (
     "experiment",
     "model",
@@ -39,12 +40,26 @@ CONFIG_FIELDS = (
     "lr",
     "batch_size",
     "max_epochs",
+    "trial",
 )
+# Described by each row's config too, without telling rows apart: the metric a run's `objective` was computed from,
+# which runs written before results files recorded it lack.
+OBJECTIVE_METRIC = "objective_metric"
 # The `status` of a run stopped by a NaN/inf training loss (lora_vision.callbacks.FiniteLoss), and of a search
 # trial stopped by the study's pruner (lora_vision.search.pruning).
 DIVERGED = "diverged"
 PRUNED = "pruned"
-METRICS = ("best_val_acc1", "test_acc1", "test_acc5", "wall_time_s", "trainable_params", "trainable_percent")
+# `objective`: the run's objective value, what an Optuna search optimises, in its metric's own unit; absent from
+# results files written before runs recorded it.
+METRICS = (
+    "best_val_acc1",
+    "test_acc1",
+    "test_acc5",
+    "wall_time_s",
+    "trainable_params",
+    "trainable_percent",
+    "objective",
+)
 
 
 @dataclass(frozen=True)
@@ -56,8 +71,9 @@ class Stat:
     n: int
 
     @classmethod
-    def of(cls, values: Iterable[float | None]) -> Stat:
-        finite = [v for v in values if v is not None and math.isfinite(v)]
+    def of(cls, values: Iterable[Any]) -> Stat:
+        # Anything but a finite number (missing, NaN, the list of values of a two-objective search) is no value.
+        finite = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)]
         if not finite:
             return cls(None, None, 0)
         return cls(statistics.fmean(finite), statistics.stdev(finite) if len(finite) > 1 else None, len(finite))
@@ -118,6 +134,10 @@ def _failure(record: dict[str, Any]) -> str:
     return str(record.get("error") or record.get("status"))
 
 
+def _only(values: set[Any]) -> Any:
+    return next(iter(values)) if len(values) == 1 else None
+
+
 def find_results(paths: Sequence[str | Path]) -> list[Path]:
     """Every results.json at or below the given run / multirun directories, in a stable order."""
     found: set[Path] = set()
@@ -139,7 +159,8 @@ def load_records(files: Iterable[Path]) -> list[dict[str, Any]]:
             record = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise ReportInputError(f"{path} is not valid JSON ({err}); was the run killed while writing it?") from None
-        records.append({**record, "_path": str(path)})
+        # The model as built (create kwargs, random or pretrained weights) where the record names it.
+        records.append({**record, "model": record.get("model_label") or record.get("model"), "_path": str(path)})
     return records
 
 
@@ -167,9 +188,11 @@ def aggregate(records: Iterable[dict[str, Any]]) -> list[Row]:
     rows = []
     for key, members in groups.items():
         done = [r for r in members if _completed(r)]
+        scored = {r.get(OBJECTIVE_METRIC) for r in done if r.get("objective") is not None}
         rows.append(
             Row(
-                config=dict(zip(CONFIG_FIELDS, key, strict=True)),
+                # One metric, or None when the runs' objectives disagree in it or name none.
+                config={**dict(zip(CONFIG_FIELDS, key, strict=True)), OBJECTIVE_METRIC: _only(scored)},
                 metrics={m: Stat.of(r.get(m) for r in done) for m in METRICS},
                 runs=len(members),
                 seeds=sorted((r.get("seed") for r in members), key=str),

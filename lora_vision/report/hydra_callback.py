@@ -16,6 +16,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from lora_vision.report import Report, build_report
+from lora_vision.report.table import parse_cell
 
 log = logging.getLogger(__name__)
 
@@ -35,18 +36,6 @@ class SweepReport(Callback):
         wandb_cfg = OmegaConf.select(config, "logger.wandb")
         if wandb_cfg is not None:
             log_to_wandb(report, wandb_cfg, name=f"{config.exp_name}-report", save_dir=sweep_dir)
-
-
-def _cell(text: str) -> int | float | str | None:
-    # W&B types table columns from their values; the CSV holds numbers as text.
-    if text == "":
-        return None
-    for number in (int, float):
-        try:
-            return number(text)
-        except ValueError:
-            pass
-    return text
 
 
 def log_to_wandb(report: Report, wandb_cfg: DictConfig, name: str, save_dir: Path) -> None:
@@ -69,7 +58,8 @@ def log_to_wandb(report: Report, wandb_cfg: DictConfig, name: str, save_dir: Pat
     try:
         run.log(
             {
-                "report/table": wandb.Table(columns=header, data=[[_cell(c) for c in row] for row in rows]),
+                # W&B types table columns from their values; the CSV holds them as text.
+                "report/table": wandb.Table(columns=header, data=[[parse_cell(c) for c in row] for row in rows]),
                 "report/accuracy_vs_params": wandb.Image(str(report.png)),
             }
         )

@@ -1,6 +1,6 @@
-"""The Pareto front of a two-objective Optuna search (`pareto_front.yaml`, written by lora_vision's sweeper), as
-a section of the sweep report: the trials no other trial beats on both validation accuracy and trainable
-parameters, with the test accuracy each of them reached."""
+"""An Optuna search in the sweep report, from the results files lora_vision's sweeper writes: how its trials were
+drawn (sampler and seed), and the Pareto front of a two-objective search (`pareto_front.yaml`): the trials no other
+trial beats on both validation accuracy and trainable parameters, with the test accuracy each of them reached."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from lora_vision.results import PARETO_FILE
+from lora_vision.results import BEST_FILE, PARETO_FILE
 
 
 @dataclass(frozen=True)
@@ -55,3 +55,23 @@ def front_markdown(front: list[FrontTrial]) -> str:
         settings = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items())
         lines.append(f"| {t.trial} | {t.trainable_params:,.0f} | {100 * t.val_acc1:.2f} | {test} | {settings} |")
     return "\n".join(lines) + "\n"
+
+
+def search_markdown(paths: list[str | Path]) -> str:
+    """A line per search results file in `paths` naming the sampler and the seed its trials were drawn with; empty
+    when there is none, or it comes from a release that did not record the seed."""
+    lines = []
+    for directory in (Path(p) for p in paths if Path(p).is_dir()):
+        for path in (directory / BEST_FILE, directory / PARETO_FILE):
+            found = OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else {}
+            if "seed" not in found:
+                continue
+            seed = found["seed"]
+            drawn = (
+                "unseeded"
+                if seed is None
+                else f"seed {seed}; each trial drew with its own seed, derived from {seed} and its number "
+                "(`sampler_seed` in the study)"
+            )
+            lines.append(f"Optuna search ({path.name}): sampler {found['sampler']}, {drawn}.")
+    return "\n".join(["", "## Search", "", *lines]) + "\n" if lines else ""

@@ -79,14 +79,20 @@ class OptunaSweeperConf:
     """
 
     _target_: str = SWEEPER_TARGET
+    # The sweeper builds the sampler and pruner itself: the sampler once per trial, seeded by the trial's number.
+    _recursive_: bool = False
     # `_self_` first, so the chosen options replace the fields below. No pruner unless one is chosen:
     # hydra/sweeper/pruner=median (a group declared null takes an option without +).
     defaults: list[Any] = field(default_factory=lambda: ["_self_", {"sampler": "tpe"}, {"pruner": None}])
+    # A sampler's `seed` seeds the search: trial n samples with a seed derived from it and n
+    # (lora_vision.search.seeding), so a continued search and each worker sharing the study draw new points.
     sampler: Any = MISSING
     # null, or one of optuna.pruners; needs a storage every job can open (a trial reports from its own process).
     pruner: Any = None
     # `maximize` or `minimize`, or one per objective for a multi-objective study (e.g. [maximize, minimize]).
-    direction: Any = "maximize"
+    # null: from the app's `objective.mode` (lora_vision's; with `objective.pareto`, [that, minimize]), or maximize
+    # for an app without one.
+    direction: Any = None
     study_name: str | None = None
     # A database URL (sqlite:///path/optuna.db, postgresql://...), a file path (an Optuna journal file, for
     # workers on a shared file system), or null (in memory: no resume, no pruning, no second worker).
@@ -98,6 +104,9 @@ class OptunaSweeperConf:
     max_failure_rate: float = 1.0
     # The search space: key -> a sweep in Hydra's override syntax, e.g. `tag(log, interval(1e-4, 1e-2))`.
     params: dict[str, str] | None = None
+    # What the job returns, in words (the metric and its unit), written as `objective` beside the values in the
+    # results file.
+    objective: str | None = None
 
 
 def register_configs() -> None:

@@ -1,8 +1,8 @@
 """The search space: Hydra's sweep override syntax read as Optuna distributions.
 
-`choice(a, b)` is categorical; `range(start, stop, step)` is an integer (or float) grid; `interval(low, high)` is
-continuous (integers with the `int` tag: `tag(int, interval(1, 64))`); the `log` tag (`tag(log, interval(1e-4,
-1e-2))`) samples on a log scale.
+`choice(a, b)` is categorical; `range(start, stop, step)` has exactly the values Hydra's basic sweeper runs (an
+integer grid, or a choice of the floats); `interval(low, high)` is continuous (integers with the `int` tag:
+`tag(int, interval(1, 64))`); the `log` tag (`tag(log, interval(1e-4, 1e-2))`) samples on a log scale.
 Anything that is not a sweep is a fixed override passed to every trial.
 """
 
@@ -36,14 +36,21 @@ def _choices(override: Override) -> CategoricalDistribution:
 
 
 def _range(override: Override, value: RangeSweep) -> BaseDistribution:
+    # The values Hydra's own sweepers would run, so the search neither drops the last one (Hydra's range excludes
+    # `stop`, and a float range's last value is `start + i * step`, not `stop - step`) nor adds one.
     if value.shuffle:
         return _choices(override)
-    start, stop, step = value.start, value.stop, value.step
-    # Hydra's range excludes stop, Optuna's distributions include high.
-    if all(isinstance(v, int) for v in (start, stop, step)):
-        return IntDistribution(start, stop - step, step=step)
-    count = int((stop - start) // step)
-    return FloatDistribution(start, start + (count - 1) * step, step=step)
+    values = list(override.sweep_iterator(transformer=Transformer.encode))
+    if not values:
+        raise SearchSpaceError(
+            f"{override.input_line}: the range has no values; it stops before `stop`, and a decreasing range needs "
+            "a negative step"
+        )
+    if len(values) > 1 and all(isinstance(v, int) for v in values):
+        # Integers are exact, so an ordered stepped distribution (which TPE models as such) has exactly these values.
+        return IntDistribution(min(values), max(values), step=abs(values[1] - values[0]))
+    # Floats: a categorical of Hydra's values, since Optuna rounds a stepped float grid its own way.
+    return CategoricalDistribution(values)
 
 
 def _interval(value: IntervalSweep) -> BaseDistribution:

@@ -20,21 +20,25 @@ from hydra.core.utils import JobReturn
 from hydra.errors import HydraException
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
+from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from optuna.distributions import BaseDistribution, CategoricalDistribution
+from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from lora_vision.errors import UserError, user_errors_as_messages
-from lora_vision.results import PARETO_FILE, write_atomic
+from lora_vision.objective import DIRECTIONS as MODE_DIRECTIONS
+from lora_vision.results import BEST_FILE, PARETO_FILE, write_atomic
+from lora_vision.search.seeding import SEED_ATTR, TrialSeededSampler, trial_seed
 from lora_vision.search.space import as_override, parse_search_space
-from lora_vision.search.storage import open_storage
+from lora_vision.search.storage import claim_lock, open_storage
 
 log = logging.getLogger(__name__)
 
 # The config key through which each job learns its trial number (conf/train.yaml `trial`).
 TRIAL_KEY = "trial"
-BEST_FILE = "optimization_results.yaml"
+# The user attribute that marks a trial a worker started over the budget and never ran (see `claim`).
+SURPLUS_ATTR = "over_budget"
 # How the sweeper names itself in an error message.
 PROG = "optuna sweeper"
 
@@ -69,7 +73,7 @@ def objective_values(value: Any, count: int) -> list[float] | None:
     if len(values) != count:
         raise SweepConfigError(
             f"the job returned {len(values)} value(s) but hydra.sweeper.direction has {count} objective(s); "
-            "for lora_vision set objective.pareto=true with two directions (+sweep=optuna_pareto does both)"
+            "for lora_vision set objective.pareto=true (+sweep=optuna_pareto does), and the directions follow"
         )
     floats = [float(v) for v in values]
     return floats if all(math.isfinite(v) for v in floats) else None
@@ -83,14 +87,41 @@ def lowest(distribution: BaseDistribution) -> Any:
 
 
 def counted(trial: FrozenTrial) -> bool:
-    """Trials that use up the study's budget: every trial but those queued and not yet started."""
-    return trial.state != TrialState.WAITING
+    """Trials that use up the study's budget: every trial but those queued and not yet started, and those a worker
+    started over the budget and never ran."""
+    return trial.state != TrialState.WAITING and SURPLUS_ATTR not in trial.user_attrs
+
+
+def started(study: optuna.Study, below: int | None = None) -> int:
+    """How many trials of the study use up its budget; with `below`, only those numbered below it."""
+    trials = study.get_trials(deepcopy=False)
+    return sum(counted(t) for t in trials if below is None or t.number < below)
+
+
+def suggest(trial: optuna.Trial, name: str, distribution: BaseDistribution) -> Any:
+    """Draw one parameter of a started trial, through the public suggest API."""
+    if isinstance(distribution, CategoricalDistribution):
+        return trial.suggest_categorical(name, distribution.choices)
+    low, high, step, log_scale = distribution.low, distribution.high, distribution.step, distribution.log
+    if isinstance(distribution, IntDistribution):
+        return trial.suggest_int(name, low, high, step=step, log=log_scale)
+    return trial.suggest_float(name, low, high, step=step, log=log_scale)
+
+
+def front_entry(trial: FrozenTrial) -> dict[str, Any]:
+    """One trial of a Pareto front as the results file lists it."""
+    return {
+        "trial": trial.number,
+        "values": trial.values,
+        "params": trial.params,
+        "trial_seed": trial.user_attrs.get(SEED_ATTR),
+    }
 
 
 class OptunaSweeper(Sweeper):
     def __init__(
         self,
-        sampler: optuna.samplers.BaseSampler,
+        sampler: DictConfig,
         direction: Any,
         storage: str | None,
         study_name: str | None,
@@ -98,11 +129,14 @@ class OptunaSweeper(Sweeper):
         n_jobs: int,
         max_failure_rate: float,
         params: DictConfig | None,
-        pruner: optuna.pruners.BasePruner | None = None,
+        pruner: DictConfig | None = None,
+        objective: str | None = None,
     ) -> None:
-        # Hydra instantiates the sampler and pruner configs (their `_target_`) before it builds the sweeper.
+        # The sampler and pruner arrive as configs (`_recursive_: false`): the sweeper builds the sampler once per
+        # trial, with that trial's seed (lora_vision.search.seeding).
         self.sampler = sampler
         self.pruner = pruner
+        self.objective = objective
         self.direction = direction
         self.storage = storage
         self.study_name = study_name
@@ -112,14 +146,27 @@ class OptunaSweeper(Sweeper):
         self.params = params
         self.job_idx = 0
 
+    @property
+    def sampler_name(self) -> str:
+        return str(self.sampler.get("_target_", "sampler")).rsplit(".", 1)[-1]
+
+    @property
+    def seed(self) -> Any:
+        """The sampler's configured seed (checked by `check`); None for a sampler without one."""
+        return self.sampler.get("seed")
+
     def check(self) -> None:
         """Every setting that cannot work, refused before any trial runs."""
-        self.directions = directions(self.direction)
+        self.directions = self.study_directions()
         for key, value in (("n_trials", self.n_trials), ("n_jobs", self.n_jobs)):
             if not isinstance(value, int) or value < 1:
                 raise SweepConfigError(f"hydra.sweeper.{key}={value}: give an integer >= 1")
         if not 0.0 <= self.max_failure_rate <= 1.0:
             raise SweepConfigError(f"hydra.sweeper.max_failure_rate={self.max_failure_rate}: give a fraction in [0, 1]")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
+            raise SweepConfigError(
+                f"hydra.sweeper.sampler.seed={self.seed}: give an integer >= 0, or null for an unseeded search"
+            )
         if self.pruner is not None and self.storage is None:
             raise SweepConfigError(
                 "hydra.sweeper.pruner needs hydra.sweeper.storage: each trial reports its accuracy to the study from "
@@ -130,7 +177,6 @@ class OptunaSweeper(Sweeper):
                 "hydra.sweeper.pruner works on one objective; Optuna cannot prune a multi-objective study "
                 "(leave hydra/sweeper/pruner unset)"
             )
-        self.check_objective_count()
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config = config
@@ -142,15 +188,26 @@ class OptunaSweeper(Sweeper):
         # An app with a `trial` key (lora_vision's) learns its trial number; any other Hydra app runs without it.
         self.numbered = TRIAL_KEY in config
 
-    def check_objective_count(self) -> None:
-        """The app's own switch for two objectives (lora_vision's `objective.pareto`) must agree with `direction`."""
-        pareto = OmegaConf.select(self.config, "objective.pareto")
-        if pareto is not None and bool(pareto) != (len(self.directions) == 2):
+    def study_directions(self) -> list[str]:
+        """The study's directions: those of the app's objective (lora_vision's `objective.mode`, plus `minimize`
+        for the parameters with `objective.pareto`) unless `direction` is set, which must then agree with them; for
+        an app without an objective, `direction` or `maximize`.
+
+        One definition of the objective: a run that selects its epoch by the lowest loss must not be searched for
+        the highest.
+        """
+        mode = OmegaConf.select(self.config, "objective.mode")
+        if mode not in MODE_DIRECTIONS:
+            return directions("maximize" if self.direction is None else self.direction)
+        pareto = bool(OmegaConf.select(self.config, "objective.pareto", default=False))
+        wanted = [MODE_DIRECTIONS[mode], *(["minimize"] if pareto else [])]
+        if self.direction is not None and directions(self.direction) != wanted:
             raise SweepConfigError(
-                f"objective.pareto={pareto} with hydra.sweeper.direction={self.directions}: a two-objective search "
-                "needs objective.pareto=true and two directions ([maximize, minimize]), a single-objective one "
-                "neither; +sweep=optuna_pareto sets both"
+                f"hydra.sweeper.direction={self.direction} disagrees with objective.mode={mode} "
+                f"(objective.pareto={str(pareto).lower()}), which asks for {wanted}: leave hydra.sweeper.direction "
+                "unset, it follows the objective"
             )
+        return wanted
 
     def job_overrides(self, fixed: list[str], params: dict[str, Any], number: int) -> list[str]:
         numbered = [f"{TRIAL_KEY}={number}"] if self.numbered else []
@@ -165,12 +222,19 @@ class OptunaSweeper(Sweeper):
         except (HydraException, OmegaConfBaseException) as err:
             raise SweepConfigError(f"a trial's config does not compose: {err}".replace("\n", " ")) from err
 
+    def build_sampler(self) -> optuna.samplers.BaseSampler:
+        """The configured sampler; when seeded, built again for each trial with the trial's own seed."""
+        if self.seed is None:
+            return instantiate(self.sampler)
+        return TrialSeededSampler(lambda seed: instantiate(self.sampler, seed=seed), self.seed)
+
     def create_study(self) -> optuna.Study:
         study = optuna.create_study(
             study_name=self.study_name,
             storage=open_storage(self.storage),
-            sampler=self.sampler,
-            pruner=self.pruner,
+            sampler=self.build_sampler(),
+            # Optuna's default when given none is a median pruner; only a chosen pruner may stop trials.
+            pruner=instantiate(self.pruner) if self.pruner is not None else optuna.pruners.NopPruner(),
             directions=self.directions,
             load_if_exists=True,
         )
@@ -194,24 +258,24 @@ class OptunaSweeper(Sweeper):
         self.check_composes(fixed_overrides, space)
         study = self.create_study()
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
-        previous = sum(counted(t) for t in study.get_trials(deepcopy=False))
         log.info(
-            "study %s (%s, %s): %d of %d trials already started; sampler %s, pruner %s",
+            "study %s (%s, %s): %d of %d trials already started; sampler %s, %s; pruner %s",
             study.study_name,
             self.storage or "in memory",
             "/".join(self.directions),
-            previous,
+            started(study),
             self.n_trials,
-            type(study.sampler).__name__,
-            type(study.pruner).__name__,
+            self.sampler_name,
+            "unseeded" if self.seed is None else f"seed {self.seed} (trial n draws with a seed made of it and n)",
+            "none" if self.pruner is None else type(study.pruner).__name__,
         )
         launched = failed = 0
         while True:
-            started = sum(counted(t) for t in study.get_trials(deepcopy=False))
-            batch = min(self.n_jobs, self.n_trials - started)
-            if batch <= 0:
+            trials: list[optuna.Trial] = []
+            while len(trials) < self.n_jobs and (trial := self.claim(study, space)) is not None:
+                trials.append(trial)
+            if not trials:
                 break
-            trials = [study.ask(space) for _ in range(batch)]
             overrides = [self.job_overrides(fixed_overrides, t.params, t.number) for t in trials]
             try:
                 returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
@@ -223,13 +287,38 @@ class OptunaSweeper(Sweeper):
             self.job_idx += len(returns)
             for trial, ret in zip(trials, returns, strict=True):
                 failed += not self.tell(study, trial.number, ret)
-            launched += batch
+            launched += len(trials)
             if failed / launched > self.max_failure_rate:
                 raise SweepAbortedError(
                     f"{failed} of {launched} trials failed, more than hydra.sweeper.max_failure_rate="
                     f"{self.max_failure_rate}; the failed runs' results.json say why"
                 )
         self.write_results(study)
+
+    def claim(self, study: optuna.Study, space: dict[str, BaseDistribution]) -> optuna.Trial | None:
+        """Start one trial of the study and draw its parameters; None once the study's budget is spent.
+
+        Workers sharing a study must not both take its last free place. For a study in a file (SQLite, journal),
+        counting and starting happen under a lock that every worker takes. Without one (a database server, or a
+        lock broken as stale), the trial's number decides, as the storage hands numbers out one at a time: a
+        trial runs only when fewer than `n_trials` counted trials are numbered below it. A lower trial that is
+        still to be marked is counted, which can only hold back a trial that is over the budget anyway: the
+        lowest trial marked surplus saw `n_trials` counted ones below it, and every higher trial sees them too. A
+        surplus trial draws no parameters, is marked, told as failed, and no longer counts.
+        """
+        with claim_lock(self.storage):
+            if started(study) >= self.n_trials:
+                return None
+            trial = study.ask()
+        if started(study, below=trial.number) >= self.n_trials:
+            trial.set_user_attr(SURPLUS_ATTR, f"started over hydra.sweeper.n_trials={self.n_trials}; not run")
+            study.tell(trial, state=TrialState.FAIL)
+            return None
+        if self.seed is not None:
+            trial.set_user_attr(SEED_ATTR, trial_seed(self.seed, trial.number))
+        for name, distribution in space.items():
+            suggest(trial, name, distribution)
+        return trial
 
     def tell(self, study: optuna.Study, number: int, ret: JobReturn) -> bool:
         """Tell one finished job to the study; False when it failed. A job that pruned itself has told already."""
@@ -248,20 +337,33 @@ class OptunaSweeper(Sweeper):
 
     def write_results(self, study: optuna.Study) -> None:
         """The best trial (`optimization_results.yaml`) or, with several objectives, the Pareto front
-        (`pareto_front.yaml`), in the sweep directory."""
+        (`pareto_front.yaml`), in the sweep directory, with what the values are (`objective`, when configured) and
+        how the trials were drawn (`sampler`, `seed`; each trial's own seed is its `trial_seed`)."""
         if not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
             log.warning("no trial of study %s completed; nothing to report as best", study.study_name)
             return
+        described = {"objective": self.objective} if self.objective is not None else {}
+        drawn = {"sampler": self.sampler_name, "seed": self.seed}
         if len(self.directions) == 1:
             best = study.best_trial
-            content = {"name": "optuna", "best_params": best.params, "best_value": best.value, "trial": best.number}
+            content = {
+                "name": "optuna",
+                **described,
+                "best_value": best.value,
+                "best_params": best.params,
+                "trial": best.number,
+                "trial_seed": best.user_attrs.get(SEED_ATTR),
+                **drawn,
+            }
             path = BEST_FILE
         else:
             front = sorted(study.best_trials, key=lambda t: t.number)
             content = {
                 "name": "optuna",
+                **described,
                 "directions": self.directions,
-                "pareto_front": [{"trial": t.number, "values": t.values, "params": t.params} for t in front],
+                "pareto_front": [front_entry(t) for t in front],
+                **drawn,
             }
             path = PARETO_FILE
         written = write_atomic(self.sweep_dir / path, OmegaConf.to_yaml(OmegaConf.create(content)))

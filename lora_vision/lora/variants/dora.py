@@ -7,12 +7,14 @@ the paper's section 4.3 does to save memory.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from lora_vision.lora.variants.base import LoraVariant
+from lora_vision.lora.errors import PeftFormatError
+from lora_vision.lora.variants.base import LoraVariant, PeftForm
 
 if TYPE_CHECKING:
     from lora_vision.lora.layers import LoRALayer
@@ -23,6 +25,7 @@ class DoRA(LoraVariant):
     label = "DoRA"
     setting = ("dora", True)
     fusable = False
+    peft_setting = ("use_dora", True)
 
     def __init__(self) -> None:
         self._merged_factor: Tensor | None = None
@@ -57,3 +60,14 @@ class DoRA(LoraVariant):
         original = merged / self._merged_factor[..., None] - change
         self._merged_factor = None
         return merged - original
+
+    def to_peft(self, layer: LoRALayer, form: PeftForm) -> PeftForm:
+        # PEFT's DoRA is this function: the magnitude over the detached per-channel norm of W0 + scale B A.
+        return replace(form, magnitude=layer.lora_magnitude.detach())
+
+    @torch.no_grad()
+    def from_peft(self, layer: LoRALayer, form: PeftForm) -> PeftForm:
+        if form.magnitude is None:
+            raise PeftFormatError("a DoRA adapter, but PEFT's tensors hold no lora_magnitude_vector for it")
+        layer.lora_magnitude.copy_(form.magnitude)
+        return replace(form, magnitude=None)

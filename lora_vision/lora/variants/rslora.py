@@ -7,9 +7,10 @@ rate; alpha / sqrt(r) keeps it stable across ranks.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from lora_vision.lora.variants.base import LoraVariant
+from lora_vision.lora.variants.base import LoraVariant, PeftForm
 
 if TYPE_CHECKING:
     from lora_vision.lora.layers import LoRALayer
@@ -19,6 +20,15 @@ class RsLoRA(LoraVariant):
     name = "rslora"
     label = "rsLoRA"
     setting = ("rslora", True)
+    peft_setting = ("use_rslora", True)
 
     def scale(self, layer: LoRALayer) -> float:
         return layer.alpha / math.sqrt(layer.rank)
+
+    def to_peft(self, layer: LoRALayer, form: PeftForm) -> PeftForm:
+        # PEFT's use_rslora divides lora_alpha by sqrt(R), as this variant divides alpha by sqrt(r).
+        return replace(form, rank_exponent=0.5)
+
+    def from_peft(self, layer: LoRALayer, form: PeftForm) -> PeftForm:
+        # The layer's scale follows from its own alpha and rank; the factors carry nothing of this variant.
+        return replace(form, rank_exponent=1.0)

@@ -1,11 +1,14 @@
 """Installed as `hydra_plugins.lora_vision_optuna` (see pyproject.toml): Hydra discovers plugins only in the
 `hydra_plugins` namespace package and instantiates only sweeper classes defined there. Loading it registers the
-`hydra/sweeper=optuna` configs."""
+`hydra/sweeper=optuna` configs and the `lora` group's schema (`lora_vision.schemas`): Hydra loads every plugin
+before it composes a config, from `python -m lora_vision.train` and from the compose API alike."""
 
+from lora_vision.schemas import register_schemas
 from lora_vision.search.config import register_configs
 from lora_vision.search.sweeper import OptunaSweeper as _OptunaSweeper
 
 register_configs()
+register_schemas()
 
 
 class OptunaSweeper(_OptunaSweeper):

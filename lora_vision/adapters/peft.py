@@ -3,15 +3,14 @@
 A PEFT LoRA adapter is a directory with `adapter_config.json` and `adapter_model.safetensors`; on a timm model it
 loads with `PeftModel.from_pretrained(timm.create_model(name, num_classes=n), directory)`. What maps to what:
 
-- a LoRA on a whole Linear or a Conv2d (groups=1): the same A and B (B as a 1x1 kernel for a Conv2d); PEFT's
-  scaling `lora_alpha / r` (rsLoRA: `/ sqrt(r)`, `use_rslora`) equals ours, per layer through `rank_pattern`
-  and `alpha_pattern`;
+- a LoRA on a whole Linear or a Conv2d (groups=1): the same A and B (B as a 1x1 kernel for a Conv2d), with
+  `lora_alpha` giving PEFT's scaling our scale, per layer through `rank_pattern` and `alpha_pattern`;
 - adapters on slots of a fused `qkv` (q and v, say): exactly a LoRA of rank `r x slots` on the whole layer, A the
   slots' A stacked and B block-structured (each slot's B in its rows and its own rank columns, zeros elsewhere),
   `lora_alpha` scaled so that PEFT's scaling equals ours;
-- PiSSA's update `scale * (B A - B0 A0)`: exactly a LoRA of rank 2r with A = [A; A0] and B = [B, -B0];
-- DoRA: PEFT's DoRA is the same function (magnitude over the detached per-output-channel norm of W0 + scale B A);
-  the magnitude of rows no adapter touches is their own norm, which leaves them unchanged;
+- each LoRA variant's part (rsLoRA's scale, DoRA's magnitude, PiSSA's initial factors): the variant's own
+  `to_peft` / `from_peft` hooks and `peft_setting` (`lora_vision.lora.variants`); a variant without them is
+  refused by name;
 - the trained classifier head: `modules_to_save`.
 
 Anything else (grouped or dilated convs, convs whose padding PEFT would not reproduce, BitFit biases, BatchNorm
@@ -29,27 +28,28 @@ import math
 import re
 from collections import Counter
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import safetensors.torch
 import timm
 import torch
-from hydra.utils import instantiate
 from torch import Tensor, nn
 
-from lora_vision.adapters import FORMAT as ADAPTER_FORMAT
-from lora_vision.adapters import (
-    AdapterMismatchError,
-    _check_base,
-    _lora_layers,
-    adapter_keys,
-    load_adapted_model,
+from lora_vision.adapters.errors import AdapterMismatchError
+from lora_vision.adapters.native import (
+    FORMAT,
+    apply_recorded_method,
+    load_onto_recorded_base,
+    read_adapter_record,
 )
-from lora_vision.errors import MissingInputError, UserError
-from lora_vision.lora import LoRAConv2d, LoRALayer, LoRALinear
-from lora_vision.lora.inject import freeze_backbone
-from lora_vision.lora.targets import classifier_name
+from lora_vision.adapters.tensors import adapter_keys, contiguous_cpu
+from lora_vision.errors import MissingInputError
+from lora_vision.lora import LoRAConv2d, LoRALayer, LoRALinear, classifier_name, freeze_backbone, named_lora_layers
+from lora_vision.lora.errors import PeftFormatError
+from lora_vision.lora.variants import VARIANTS
+from lora_vision.lora.variants.base import PeftForm
 from lora_vision.models import build_model
 from lora_vision.results import write_atomic
 
@@ -64,10 +64,6 @@ PREFIX = "base_model.model."
 A_KEY, B_KEY, MAGNITUDE_KEY = ".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector"
 # PEFT initialisations that change the base weights themselves: the adapter alone does not reproduce the model.
 BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "eva")
-
-
-class PeftFormatError(UserError, ValueError):
-    """An adapter that PEFT's format cannot carry exactly, or a PEFT adapter lora_vision cannot map."""
 
 
 @dataclass
@@ -95,87 +91,99 @@ def _check_conv(name: str, conv: nn.Conv2d) -> None:
         raise PeftFormatError(f"{name}: PEFT cannot represent this adapter exactly: {'; '.join(reasons)}")
 
 
-def _variant_names(layer: LoRALayer) -> set[str]:
-    return {variant.name for variant in layer.variants}
-
-
-def _blocks(layer: LoRALayer) -> tuple[Tensor, Tensor]:
-    """Slot-form (B (S, out_s, k), A (S, k, fan_in)) with `scale * B @ A` the update, written without rounding."""
-    a, b = layer.lora_A, layer.lora_B
-    if "pissa" in _variant_names(layer):
-        a_dim, b_dim = layer.rank_dims
-        a = torch.cat([a, layer.pissa_A0], dim=a_dim)
-        b = torch.cat([b, -layer.pissa_B0], dim=b_dim)
-    return layer._slot_factors(a, b)
-
-
-def _num_slots(layer: LoRALayer) -> tuple[int, tuple[int, ...]]:
+def _slots(layer: LoRALayer) -> tuple[int, tuple[int, ...]]:
+    """How many equal output slots the base layer has, and which of them the adapter covers."""
     return (layer.num_slots, layer.slots) if isinstance(layer, LoRALinear) else (1, (0,))
 
 
-def to_peft_layer(name: str, layer: LoRALayer, use_rslora: bool) -> PeftLayer:
+def _whole_layer_b(b: Tensor, num_slots: int, used: tuple[int, ...]) -> Tensor:
+    """Slot-form B (S, out_s, k) as one whole-layer B: each slot's B in its rows and its own rank columns, zeros
+    elsewhere."""
+    out_s, k = b.shape[1], b.shape[2]
+    full = b.new_zeros(num_slots * out_s, len(used) * k)
+    for i, slot in enumerate(used):
+        full[slot * out_s : (slot + 1) * out_s, i * k : (i + 1) * k] = b[i]
+    return full
+
+
+def _variant_hooks(name: str, layer: LoRALayer, form: PeftForm, export: bool) -> PeftForm:
+    """`form` through the variants' `to_peft` hooks in order (`export`) or their `from_peft` hooks in reverse."""
+    variants = layer.variants if export else reversed(layer.variants)
+    try:
+        for variant in variants:
+            form = variant.to_peft(layer, form) if export else variant.from_peft(layer, form)
+    except PeftFormatError as err:
+        raise PeftFormatError(f"{name}: {err}") from None
+    return form
+
+
+def peft_settings(layer: LoRALayer) -> dict[str, Any]:
+    """The entries of PEFT's config that `layer`'s variants need there."""
+    return dict(variant.peft_setting for variant in layer.variants if variant.peft_setting is not None)
+
+
+def to_peft_layer(name: str, layer: LoRALayer) -> PeftLayer:
     """`layer` as PEFT's whole-layer LoRA of rank R = slots x k, with `lora_alpha` giving PEFT our scale."""
     if isinstance(layer, LoRAConv2d):
         _check_conv(name, layer.base)
     if layer.merged:
         raise PeftFormatError(f"{name}: the adapter is merged into the base weight; unmerge it before exporting")
-    b, a = _blocks(layer)
+    form = _variant_hooks(name, layer, PeftForm(*layer._slot_factors(layer.lora_A, layer.lora_B)), export=True)
+    a = form.a.detach()
     slots, k = a.shape[0], a.shape[1]
-    num_slots, used = _num_slots(layer)
-    out_s = b.shape[1]
-    full_b = b.new_zeros(num_slots * out_s, slots * k)
-    for i, slot in enumerate(used):
-        full_b[slot * out_s : (slot + 1) * out_s, i * k : (i + 1) * k] = b[i]
+    num_slots, used = _slots(layer)
+    full_b = _whole_layer_b(form.b.detach(), num_slots, used)
     full_a = a.reshape(slots * k, *layer.base.weight.shape[1:])
-    multiple = slots * k / layer.rank
-    # PEFT's scaling is lora_alpha / R (or / sqrt(R)); ours alpha / r (or / sqrt(r)), with R = multiple * r.
-    alpha = layer.alpha * (math.sqrt(multiple) if use_rslora else multiple)
     magnitude = None
-    if "dora" in _variant_names(layer):
-        rows = layer.base.weight.flatten(1).unflatten(0, (num_slots, -1)).norm(dim=-1)
-        rows[list(used)] = layer.lora_magnitude.detach()
+    if form.magnitude is not None:
+        # PEFT's magnitude covers every output row; rows outside the adapted slots have a zero update there, so
+        # their own weight norm leaves them unchanged.
+        rows = layer.base.weight.detach().flatten(1).unflatten(0, (num_slots, -1)).norm(dim=-1)
+        rows[list(used)] = form.magnitude.detach()
         magnitude = rows.flatten()
     if isinstance(layer, LoRAConv2d):
         full_b = full_b[..., None, None]
         magnitude = None if magnitude is None else magnitude[None, :, None, None]
-    return PeftLayer(full_a.detach(), full_b.detach(), alpha, None if magnitude is None else magnitude.detach())
+    # PEFT scales by lora_alpha / R**rank_exponent and we by alpha / r**rank_exponent: written through the ratio
+    # R / r, a whole-layer adapter keeps its alpha exactly.
+    alpha = layer.alpha * (slots * k / layer.rank) ** form.rank_exponent
+    if not math.isclose(alpha / (slots * k) ** form.rank_exponent, layer.scale, rel_tol=1e-9):
+        raise PeftFormatError(
+            f"{name}: PEFT's scaling lora_alpha / R**{form.rank_exponent} cannot give this adapter's scale "
+            f"{layer.scale} (alpha {layer.alpha}, rank {layer.rank}, variants {layer.variant})"
+        )
+    return PeftLayer(full_a, full_b, alpha, magnitude)
 
 
 @torch.no_grad()
 def from_peft_layer(name: str, layer: LoRALayer, peft: PeftLayer) -> None:
-    """Set `layer`'s factors (and DoRA magnitude) from PEFT's; refuse what its slot structure cannot hold exactly."""
+    """Set `layer`'s factors (and its variants' parts) from PEFT's; refuse what its slot structure cannot hold."""
     b_full = peft.b.flatten(1)
-    num_slots, used = _num_slots(layer)
-    slot_b, slot_a = _blocks(layer)
-    slots, k = slot_a.shape[0], slot_a.shape[1]
-    if peft.a.shape[0] != slots * k or b_full.shape[1] != slots * k:
-        raise AdapterMismatchError(
-            f"{name}: PEFT rank {peft.a.shape[0]} does not match this adapter's {slots} slot(s) of rank {k}"
-        )
-    out_s = slot_b.shape[1]
+    num_slots, used = _slots(layer)
+    slots, rank = len(used), peft.a.shape[0]
+    if rank % slots or b_full.shape[1] != rank:
+        raise AdapterMismatchError(f"{name}: PEFT rank {rank} does not split into this adapter's {slots} slot(s)")
+    k, out_s = rank // slots, b_full.shape[0] // num_slots
     b = torch.stack([b_full[s * out_s : (s + 1) * out_s, i * k : (i + 1) * k] for i, s in enumerate(used)])
-    expected = torch.zeros_like(b_full)
-    for i, s in enumerate(used):
-        expected[s * out_s : (s + 1) * out_s, i * k : (i + 1) * k] = b[i]
-    if not torch.equal(expected, b_full):
+    if not torch.equal(_whole_layer_b(b, num_slots, used), b_full):
         raise AdapterMismatchError(
             f"{name}: PEFT's B has non-zero entries outside the blocks of the {layer.parts} slot adapters (training "
             f"went on in PEFT); remove {SIDE_META} to load it as whole-layer adapters"
         )
-    a = peft.a.reshape(slots, k, -1)
-    if "pissa" in _variant_names(layer):
-        r = layer.rank
-        a, a0 = a[:, :r], a[:, r:]
-        b, b0 = b[..., :r], -b[..., r:]
-        a0_native, b0_native = layer._native_factors(b0, a0)
-        layer.pissa_A0.copy_(a0_native)
-        layer.pissa_B0.copy_(b0_native)
-    a_native, b_native = layer._native_factors(b, a)
+    magnitude = None if peft.magnitude is None else peft.magnitude.flatten().unflatten(0, (num_slots, -1))[list(used)]
+    form = _variant_hooks(name, layer, PeftForm(b, peft.a.reshape(slots, k, -1), magnitude), export=False)
+    if form.magnitude is not None:
+        raise AdapterMismatchError(
+            f"{name}: PEFT holds a magnitude vector, which none of this adapter's variants takes"
+        )
+    slot_b, slot_a = layer._slot_factors(layer.lora_A, layer.lora_B)
+    if form.a.shape != slot_a.shape or form.b.shape != slot_b.shape:
+        raise AdapterMismatchError(
+            f"{name}: PEFT rank {rank} does not match this adapter's {slots} slot(s) of rank {layer.rank}"
+        )
+    a_native, b_native = layer._native_factors(form.b, form.a)
     layer.lora_A.copy_(a_native)
     layer.lora_B.copy_(b_native)
-    if peft.magnitude is not None:
-        rows = peft.magnitude.flatten().unflatten(0, (num_slots, -1))
-        layer.lora_magnitude.copy_(rows[list(used)])
 
 
 def _most_common(values: list[Any]) -> Any:
@@ -184,22 +192,23 @@ def _most_common(values: list[Any]) -> Any:
 
 def peft_adapter(model: nn.Module, all_batchnorm_stats: bool = False) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """PEFT's `adapter_config.json` content and `adapter_model.safetensors` tensors for an adapted `model`."""
-    layers = _lora_layers(model)
+    layers = named_lora_layers(model)
     if not layers:
         raise PeftFormatError("the model carries no LoRA adapters; PEFT's LoRA format holds only LoRA")
-    use_rslora = {"rslora" in _variant_names(layer) for layer in layers.values()}
-    use_dora = {"dora" in _variant_names(layer) for layer in layers.values()}
+    converted = {name: to_peft_layer(name, layer) for name, layer in layers.items()}
+    settings = {tuple(sorted(peft_settings(layer).items())) for layer in layers.values()}
     dropouts = {getattr(layer.dropout, "p", 0.0) for layer in layers.values()}
-    if len(use_rslora) > 1 or len(use_dora) > 1 or len(dropouts) > 1:
-        raise PeftFormatError("PEFT's config has one rsLoRA, DoRA and dropout setting; these adapters mix them")
-    rslora = use_rslora.pop()
-    converted = {name: to_peft_layer(name, layer, rslora) for name, layer in layers.items()}
+    if len(settings) > 1 or len(dropouts) > 1:
+        raise PeftFormatError(
+            f"PEFT's config has one variant setting and one dropout for all layers; these adapters mix them "
+            f"(settings {[dict(s) for s in settings]}, dropouts {sorted(dropouts)})"
+        )
     head = classifier_name(model)
+    state = model.state_dict()
     tensors: dict[str, Tensor] = {}
     saved_modules = set()
     for key in adapter_keys(model, all_batchnorm_stats):
-        owner = next((name for name in layers if key.startswith(name + ".")), None)
-        if owner is not None:
+        if any(key.startswith(name + ".") for name in layers):
             continue
         if head is None or not key.startswith(head + "."):
             raise PeftFormatError(
@@ -207,7 +216,7 @@ def peft_adapter(model: nn.Module, all_batchnorm_stats: bool = False) -> tuple[d
                 "magnitudes and the classifier head through modules_to_save)"
             )
         saved_modules.add(head)
-        tensors[PREFIX + key] = model.state_dict()[key]
+        tensors[PREFIX + key] = state[key]
     for name, layer in converted.items():
         tensors[PREFIX + name + A_KEY] = layer.a
         tensors[PREFIX + name + B_KEY] = layer.b
@@ -226,18 +235,14 @@ def peft_adapter(model: nn.Module, all_batchnorm_stats: bool = False) -> tuple[d
         "rank_pattern": {name: r for name, r in ranks.items() if r != rank},
         "alpha_pattern": {name: a for name, a in alphas.items() if a != alpha},
         "lora_dropout": dropouts.pop(),
-        "use_rslora": rslora,
-        "use_dora": use_dora.pop(),
+        **dict(settings.pop()),
         "modules_to_save": sorted(saved_modules) or None,
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,
         "inference_mode": True,
     }
-    contiguous = {
-        key: t.detach().to("cpu", memory_format=torch.contiguous_format, copy=True) for key, t in tensors.items()
-    }
-    return config, contiguous
+    return config, contiguous_cpu(tensors)
 
 
 def save_peft_adapter(model: nn.Module, directory: str | Path, meta: dict[str, Any]) -> Path:
@@ -248,9 +253,14 @@ def save_peft_adapter(model: nn.Module, directory: str | Path, meta: dict[str, A
     write_atomic(directory / PEFT_TENSORS, safetensors.torch.save(tensors))
     write_atomic(directory / PEFT_CONFIG, json.dumps(config, indent=2) + "\n")
     # Only lora_vision's own record rebuilds the exact structure (an adapter that came from PEFT has none).
-    if meta.get("format") == ADAPTER_FORMAT:
+    if meta.get("format") == FORMAT:
         write_atomic(directory / SIDE_META, json.dumps(meta, indent=2, allow_nan=False) + "\n")
     return directory
+
+
+def _directory(path: str | Path) -> Path:
+    path = Path(path)
+    return path.parent if path.is_file() else path
 
 
 def is_peft_adapter(path: str | Path) -> bool:
@@ -258,9 +268,10 @@ def is_peft_adapter(path: str | Path) -> bool:
 
 
 def peft_record(path: str | Path) -> dict[str, Any] | None:
-    """The lora_vision record beside an exported PEFT adapter; None for an adapter made by PEFT."""
+    """The lora_vision record beside an exported PEFT adapter, checked as `adapter.json` is; None for an adapter
+    made by PEFT."""
     file = _directory(path) / SIDE_META
-    return json.loads(file.read_text()) if file.is_file() else None
+    return read_adapter_record(file) if file.is_file() else None
 
 
 def peft_meta(directory: Path) -> dict[str, Any]:
@@ -354,7 +365,12 @@ def _load_head(model: nn.Module, tensors: dict[str, Tensor], head: str | None) -
 
 
 def _whole_layer(name: str, base: nn.Module, peft: PeftLayer, config: dict[str, Any]) -> LoRALayer:
-    variants = {"rslora": bool(config.get("use_rslora")), "dora": bool(config.get("use_dora"))}
+    """A whole-layer adapter for PEFT's LoRA on `base`, with the variants whose `peft_setting` the config sets."""
+    variants = {
+        variant.setting[0]: variant.setting[1]
+        for variant in VARIANTS
+        if variant.peft_setting is not None and config.get(variant.peft_setting[0]) == variant.peft_setting[1]
+    }
     rank, dropout = peft.a.shape[0], float(config.get("lora_dropout", 0.0))
     if type(base) is nn.Linear:
         return LoRALinear(base, rank, peft.alpha, dropout, **variants)
@@ -375,17 +391,12 @@ def _model_name(config: dict[str, Any], model_name: str | None, directory: Path)
     return name.removeprefix("hf-hub:").removeprefix("timm/")
 
 
-def _directory(path: str | Path) -> Path:
-    path = Path(path)
-    return path.parent if path.is_file() else path
-
-
 def load_peft_adapter(path: str | Path, base_model: nn.Module) -> nn.Module:
     """Apply the PEFT adapter at `path` to the plain `base_model` in place, as lora_vision layers; return it in
     eval mode.
 
-    With `lora_vision_adapter.json` (an adapter exported from here) the base is checked as `load_adapter` checks
-    it and the recorded slot structure is rebuilt exactly; otherwise each PEFT LoRA becomes a whole-layer adapter.
+    With `lora_vision_adapter.json` (an adapter exported from here) the base is checked as for our own adapters and
+    the recorded slot structure is rebuilt exactly; otherwise each PEFT LoRA becomes a whole-layer adapter.
     """
     directory = _directory(path)
     config, tensors = _read(directory)
@@ -394,9 +405,8 @@ def load_peft_adapter(path: str | Path, base_model: nn.Module) -> nn.Module:
     peft_layers = _peft_layers(config, tensors, head)
     meta = peft_record(directory)
     if meta is not None:
-        _check_base(meta, base_model)
-        instantiate(meta["method"], _convert_="all").apply(base_model)
-        layers = _lora_layers(base_model)
+        apply_recorded_method(meta, base_model)
+        layers = named_lora_layers(base_model)
         if sorted(peft_layers) != sorted(layers):
             raise AdapterMismatchError(
                 f"PEFT adapts {sorted(set(peft_layers) - set(layers))[:5] or 'the same layers'} but the recorded "
@@ -455,13 +465,14 @@ def load_peft_adapted_model(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The timm model with the PEFT adapter at `path` in lora_vision layers, in eval mode, and its record.
 
-    With `lora_vision_adapter.json` (an adapter exported from here) the recorded base is rebuilt, as
-    `load_adapted_model` does. Otherwise the base is `timm.create_model(base_model_name_or_path or model_name,
-    **model_kwargs)` with the saved head's class count, from pretrained weights or `checkpoint`.
+    With `lora_vision_adapter.json` (an adapter exported from here) the recorded base is rebuilt, as for our own
+    adapters. Otherwise the base is `timm.create_model(base_model_name_or_path or model_name, **model_kwargs)` with
+    the saved head's class count, from pretrained weights or `checkpoint`.
     """
-    if peft_record(path) is not None:
-        return load_adapted_model(path, checkpoint=checkpoint, pretrained=pretrained)
     directory = _directory(path)
+    meta = peft_record(directory)
+    if meta is not None:
+        return load_onto_recorded_base(meta, partial(load_peft_adapter, directory), checkpoint, pretrained), meta
     # Building draws random numbers (the head, new factors before they are overwritten); the caller's stream stays.
     with torch.random.fork_rng(devices=[]):
         model, meta = _peft_base(directory, checkpoint, pretrained, model_name, model_kwargs)
