@@ -150,7 +150,7 @@ def export_adapter(source: str | Path, out: str | Path, checkpoint: str | Path |
     model, meta = load_adapted_model(source, checkpoint=checkpoint)
     data = meta.get("data")
     data_config = model_data_config(model, data["image_size"], data.get("crop_pct")) if data else None
-    provenance = {key: meta.get(key) for key in ("base_fingerprint", "base_source", "method")}
+    provenance = {key: meta.get(key) for key in ("model_label", "base_fingerprint", "base_source", "method")}
     return export_merged(
         model,
         out,
@@ -212,7 +212,8 @@ def main(argv: list[str] | None = None) -> None:
             return
         directory = export_adapter(args.source, args.out, args.checkpoint)
     meta = json.loads((directory / MODEL_META).read_text())
-    print(f"exported to {directory}\nload with:\n  import timm\n  model = {meta['load']}")
+    built = meta["source"].get("model_label") or meta["model_name"]
+    print(f"exported {built} to {directory}\nload with:\n  import timm\n  model = {meta['load']}")
 
 
 if __name__ == "__main__":

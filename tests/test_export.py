@@ -139,14 +139,17 @@ def test_export_records_the_data_config_and_leaves_the_model_adapted(tmp_path: P
 def test_cli_exports_an_adapter(tmp_path: Path, images: torch.Tensor, capsys: pytest.CaptureFixture) -> None:
     model = adapted(tiny_vit, LoRA(rank=4, targets=["qv"]), tmp_path / "adapter", VIT, VIT_KWARGS)
     main([str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")])
-    assert "timm.create_model(" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "timm.create_model(" in printed
+    # Named as built: four blocks of 64 dimensions at random init, not the pretrained ViT-S the timm name suggests.
+    built = "vit_small_patch16_224 (depth=4, embed_dim=64, num_heads=2, patch_size=8; random init)"
+    assert f"exported {built} to " in printed
     plain, meta = load_merged(tmp_path / "merged")
     with torch.no_grad():
         torch.testing.assert_close(plain(images), model(images), atol=1e-5, rtol=0)
-    assert (
-        meta["source"]["base_fingerprint"]
-        == json.loads((tmp_path / "adapter" / "adapter.json").read_text())["base_fingerprint"]
-    )
+    adapter_meta = json.loads((tmp_path / "adapter" / "adapter.json").read_text())
+    assert meta["source"]["base_fingerprint"] == adapter_meta["base_fingerprint"]
+    assert meta["source"]["model_label"] == adapter_meta["model_label"] == built
 
 
 @pytest.mark.parametrize(

@@ -32,7 +32,7 @@ from lora_vision.adapters.tensors import adapter_keys, adapter_state
 from lora_vision.errors import MissingInputError
 from lora_vision.lora import ParameterSummary, named_lora_layers
 from lora_vision.methods import method_from_config
-from lora_vision.models import build_model
+from lora_vision.models import build_model, model_label
 from lora_vision.results import versions, write_atomic
 
 ADAPTER_DIR = "adapter"
@@ -97,6 +97,11 @@ def save_adapter(
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "model_name": model_name,
+        # The base as built (kwargs, random or pretrained weights), for people: the timm name alone may name
+        # pretrained weights a random-init base never had.
+        "model_label": model_label(
+            model_name, model_kwargs, base_source.get("pretrained", True), base_source.get("checkpoint")
+        ),
         "architecture": architecture(model),
         "model_kwargs": dict(model_kwargs),
         "num_classes": num_classes,
