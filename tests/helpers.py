@@ -25,7 +25,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from lora_vision.adapters import save_adapter, weights_fingerprint
 from lora_vision.cli import canonical_overrides
 from lora_vision.data import VTAB1K_TASK_NAMES
-from lora_vision.lora import LoRALinear
+from lora_vision.lora import LoraAdapter, LoRALinear
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -187,5 +187,6 @@ def make_vtab1k_layout(root: Path) -> Path:
 
 
 def composed_forward(layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:
-    """The layer's function built from plain torch ops (LoRALayer.forward), the reference for the fused node."""
-    return super(LoRALinear, layer).forward(x)
+    """The layer's function built from plain torch ops (`LoraAdapter.forward_with_base` of its one adapter), the
+    reference for the fused node."""
+    return LoraAdapter.forward_with_base(layer._single(), x)

@@ -30,7 +30,7 @@ from lora_vision.adapters import (
     save_adapter,
     weights_fingerprint,
 )
-from lora_vision.lora import LoRALayer, merge_lora
+from lora_vision.lora import LoRALayer, merge_lora, state_dict_key
 from lora_vision.methods import BitFit, FullFineTune, LinearProbe, LoRA
 from lora_vision.models import build_model
 from tests.helpers import (
@@ -124,7 +124,7 @@ def test_vit_b16_rank8_qv_adapter_is_the_documented_size(tmp_path: Path) -> None
 
 def test_file_holds_the_trainable_tensors_only_and_its_size_is_their_bytes(tmp_path: Path) -> None:
     model = adapted(tiny_vit, LoRA(rank=4, targets=["qv"]), tmp_path, "vit_small_patch16_224", VIT_KWARGS)
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    trainable = {state_dict_key(name) for name, p in model.named_parameters() if p.requires_grad}
     assert saved_keys(tmp_path) == trainable
     assert trainable == {f"blocks.{i}.attn.qkv.lora_{x}" for i in range(4) for x in "AB"} | {"head.weight", "head.bias"}
     file = tmp_path / ADAPTER_TENSORS
@@ -140,7 +140,7 @@ def test_file_holds_the_trainable_tensors_only_and_its_size_is_their_bytes(tmp_p
 
 def test_pissa_adapter_also_holds_the_frozen_initial_factors(tmp_path: Path) -> None:
     model = adapted(tiny_vit, LoRA(rank=4, targets=["qv"], init="pissa"), tmp_path, "vit_small_patch16_224", VIT_KWARGS)
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    trainable = {state_dict_key(name) for name, p in model.named_parameters() if p.requires_grad}
     factors = {f"blocks.{i}.attn.qkv.pissa_{x}0" for i in range(4) for x in "AB"}
     assert saved_keys(tmp_path) == trainable | factors
     assert not any(".base." in key for key in saved_keys(tmp_path))

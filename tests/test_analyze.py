@@ -28,7 +28,7 @@ from lora_vision.analyze import (
 from lora_vision.analyze.__main__ import main
 from lora_vision.analyze.truncate import TruncationRow
 from lora_vision.lora import LoRALayer, LoRALinear, apply_lora, lora_layers
-from lora_vision.lora.layers import QKV_SLOTS
+from lora_vision.lora.adapter import QKV_SLOTS
 from lora_vision.methods import LoRA
 from lora_vision.models import build_model
 from tests.helpers import TINY_VIT, randomize_adapters, tiny_resnet, tiny_vit

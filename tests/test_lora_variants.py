@@ -13,6 +13,7 @@ from torch import nn
 
 import lora_vision.lora.config
 from lora_vision.lora import (
+    DEFAULT_ADAPTER,
     LoraConfig,
     LoRAConfigError,
     LoRAConv2d,
@@ -128,9 +129,11 @@ def test_pissa_starts_from_the_principal_part_and_keeps_w0_untouched(kind: str) 
         u, s, vh = torch.linalg.svd(w0)
         principal = (u[:, :3] * s[:3]) @ vh[:3]
         torch.testing.assert_close((layer.scale * b[slot] @ a[slot]).double(), principal, atol=1e-5, rtol=1e-5)
-    # The initial factors are frozen buffers; only A and B train, as in plain LoRA.
-    assert {n for n, _ in layer.named_buffers()} >= {"pissa_A0", "pissa_B0"}
-    assert {n for n, p in layer.named_parameters() if p.requires_grad} == {"lora_A", "lora_B"}
+    # The initial factors are frozen buffers of the adapter; only A and B train, as in plain LoRA.
+    adapter = layer.adapters[DEFAULT_ADAPTER]
+    assert {n for n, _ in adapter.named_buffers()} >= {"pissa_A0", "pissa_B0"}
+    assert {n for n, p in adapter.named_parameters() if p.requires_grad} == {"lora_A", "lora_B"}
+    assert {"pissa_A0", "pissa_B0", "lora_A", "lora_B"} <= set(layer.state_dict())  # a single adapter's keys
     a0, b0 = layer.pissa_A0.clone(), layer.pissa_B0.clone()
     randomize_adapters(layer)
     dense = copy.deepcopy(base)

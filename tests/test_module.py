@@ -10,6 +10,7 @@ import timm
 import torch
 from torch import nn
 
+from lora_vision.lora import state_dict_key
 from lora_vision.methods import FullFineTune, LinearProbe, LoRA
 from lora_vision.module import Classifier, accuracy_metrics, frozen_batchnorms
 
@@ -122,8 +123,8 @@ def test_checkpoints_hold_trainable_weights_and_buffers_and_load_strictly() -> N
     checkpoint = {"state_dict": module.state_dict()}
     module.on_save_checkpoint(checkpoint)
     saved = set(checkpoint["state_dict"])
-    trainable = {f"model.{n}" for n, p in model.named_parameters() if p.requires_grad}
-    buffers = {f"model.{n}" for n, _ in model.named_buffers()}
+    trainable = {f"model.{state_dict_key(n)}" for n, p in model.named_parameters() if p.requires_grad}
+    buffers = {f"model.{state_dict_key(n)}" for n, _ in model.named_buffers()}
     assert saved == trainable | buffers
 
     fresh_model = tiny_resnet()

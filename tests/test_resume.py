@@ -97,6 +97,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_resumes_to_identical_metrics(reference: Path, tmp_path: Path) -> None:
     """Killed at step 12 (epoch 1, batch 4): it resumes from the step-10 checkpoint, mid-epoch.
 
@@ -117,6 +118,7 @@ def test_sigkill_mid_epoch_resumes_to_identical_metrics(reference: Path, tmp_pat
     assert (run_dir / "csv" / "metrics.csv").is_file()
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_exits_and_resumes_to_identical_metrics(reference: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     assert kill_at_step(run_dir, 6, signal.SIGTERM) == SIGTERM_EXIT_STATUS

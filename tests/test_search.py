@@ -165,6 +165,7 @@ PRUNED_SEARCH = (
 )
 
 
+@pytest.mark.slow
 def test_the_pruner_stops_hopeless_trials_and_a_rerun_continues_the_study(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "optuna"
     done = launch(tmp_path, "-m", *PRUNED_SEARCH, "hydra.sweeper.n_trials=4", f"hydra.sweep.dir={sweep_dir}")
@@ -206,6 +207,7 @@ def two_workers(tmp_path: Path, command: list[str], **env: str) -> list[str]:
 
 
 # The default SQLite database, and an Optuna journal file (what workers on a network file system should use).
+@pytest.mark.slow
 @pytest.mark.parametrize("storage", ["sqlite:///{}/optuna.db", "{}/optuna.log"])
 def test_two_workers_share_one_study_and_run_no_trial_twice(tmp_path: Path, storage: str) -> None:
     sweep_dir = tmp_path / "optuna"
@@ -255,6 +257,7 @@ runpy.run_module("lora_vision.train", run_name="__main__", alter_sys=True)
 """
 
 
+@pytest.mark.slow
 def test_two_workers_racing_for_the_last_trial_start_only_one(tmp_path: Path) -> None:
     sweep_dir, rendezvous = tmp_path / "optuna", tmp_path / "rendezvous"
     rendezvous.mkdir()
@@ -265,6 +268,7 @@ def test_two_workers_racing_for_the_last_trial_start_only_one(tmp_path: Path) ->
     assert sum(" trial=0\n" in log for log in logs) == 1
 
 
+@pytest.mark.slow
 def test_a_continued_search_draws_new_points_and_the_report_names_the_seed(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "optuna"
     first = multirun(sweep_dir, "+sweep=optuna", "hydra.sweeper.n_trials=1")
@@ -409,6 +413,7 @@ PARETO_SEARCH = (
 )
 
 
+@pytest.mark.slow
 def test_pareto_search_writes_the_front_and_same_seed_repeats_the_trials(tmp_path: Path) -> None:
     first, second = tmp_path / "first", tmp_path / "second"
     for sweep_dir in (first, second):

@@ -7,9 +7,12 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import FAST, launch, multirun, records
 
 
+@pytest.mark.slow
 def test_submitit_local_launcher_runs_every_job(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "submitit"
     done = multirun(sweep_dir, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5", "lora.rank=2,4")
@@ -20,6 +23,7 @@ def test_submitit_local_launcher_runs_every_job(tmp_path: Path) -> None:
     assert (sweep_dir / "report.md").is_file()
 
 
+@pytest.mark.slow
 def test_ddp_on_two_cpu_processes_trains_and_records_once(tmp_path: Path) -> None:
     log_dir = tmp_path / "outputs"
     # The default run directory (named by the start time): Lightning's second process must reuse it.

@@ -286,6 +286,7 @@ def sweep(layout: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return sweep_dir
 
 
+@pytest.mark.slow
 def test_the_sweep_runs_all_19_tasks_with_their_class_counts(sweep: Path) -> None:
     found = sorted(records(sweep).values(), key=lambda r: VTAB1K_TASK_NAMES.index(r["task"]))
     assert [r["task"] for r in found] == list(VTAB1K_TASK_NAMES)

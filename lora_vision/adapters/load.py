@@ -1,14 +1,22 @@
-"""Loading an adapter of either format: ours (`adapter.json`) or PEFT's (`adapter_config.json`)."""
+"""Loading an adapter of either format, ours (`adapter.json`) or PEFT's (`adapter_config.json`), and several onto
+one model."""
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
+from lora_vision.adapters.errors import AdapterMismatchError
 from lora_vision.adapters.native import load_native_adapted_model, load_native_adapter
 from lora_vision.adapters.peft import is_peft_adapter, load_peft_adapted_model, load_peft_adapter
+from lora_vision.adapters.tensors import plain_name
+from lora_vision.errors import UserError
+from lora_vision.lora import AdapterHeads, LoRALayer, classifier_name, named_lora_layers, set_active_adapters
 
 
 def load_adapter(path: str | Path, base_model: nn.Module) -> nn.Module:
@@ -36,3 +44,75 @@ def load_adapted_model(
     if is_peft_adapter(path):
         return load_peft_adapted_model(path, checkpoint, pretrained)
     return load_native_adapted_model(path, checkpoint, pretrained)
+
+
+def load_adapters(sources: Mapping[str, str | Path], base_model: nn.Module) -> nn.Module:
+    """Load several adapters onto one base model, each under its name; return the model in eval mode.
+
+        model = load_adapters({"woof": "runs/woof/adapter", "cifar": "peft_cifar/"}, timm.create_model(...))
+        with route(model, ["woof", "cifar", ...]):      # lora_vision.lora.routing
+            logits = model(images)
+
+    Each adapter (ours or PEFT's) is checked against the base as `load_adapter` checks one (architecture, class
+    count, tensor structure, weight fingerprint), so adapters of another model or class count are refused, naming
+    the adapter. Each loads onto a scratch copy of the base, and its adapters then move into `base_model`, where they
+    compute against its one copy of the frozen weights: loading holds two more copies of the base for a moment,
+    never one per adapter. Adapters that trained their own classifier head keep it, in an `AdapterHeads` that takes the
+    head's place. What adapters cannot share is refused: a changed base tensor (BitFit biases, BatchNorm
+    statistics), or a mix of adapters with their own heads and adapters on the shared head. The first adapter is
+    the active one (`set_active_adapters` picks another); a routing sends each sample through its own.
+    """
+    if not sources:
+        raise AdapterMismatchError("load_adapters needs at least one adapter: give {name: directory}")
+    if named_lora_layers(base_model) or any(isinstance(m, AdapterHeads) for m in base_model.modules()):
+        raise AdapterMismatchError("the base model already carries adapters; load adapters onto a plain model")
+    head = classifier_name(base_model)
+    plain = copy.deepcopy(base_model)
+    shared = plain.state_dict()
+    own_heads: dict[str, nn.Module] = {}
+    for name, path in sources.items():
+        scratch = copy.deepcopy(plain)
+        try:
+            load_adapter(path, scratch)
+            _check_shared_tensors(scratch, shared, head)
+        except UserError as err:
+            raise type(err)(f"adapter {name!r} ({path}): {err}") from None
+        _move_adapters(scratch, base_model, name)
+        scratch_head = None if head is None else scratch.get_submodule(head)
+        if head is not None and not isinstance(scratch_head, LoRALayer):
+            own_heads[name] = scratch_head
+    if own_heads:
+        if len(own_heads) != len(sources):
+            mixed = sorted(set(sources) - set(own_heads))
+            raise AdapterMismatchError(
+                f"adapters {', '.join(sorted(own_heads))} trained their own classifier head, adapters "
+                f"{', '.join(mixed)} adapt the shared one: load them onto separate models"
+            )
+        base_model.set_submodule(head, AdapterHeads(own_heads))
+    set_active_adapters(base_model, next(iter(sources)))
+    return base_model.eval()
+
+
+def _check_shared_tensors(model: nn.Module, shared: Mapping[str, Tensor], head: str | None) -> None:
+    """Refuse an adapter that changed a tensor of the base outside its adapters and the head."""
+    layers = named_lora_layers(model)
+    for key, tensor in model.state_dict().items():
+        plain = plain_name(key, layers)
+        if plain is None or (head is not None and plain.startswith(f"{head}.")):
+            continue
+        if not torch.equal(tensor, shared[plain]):
+            raise AdapterMismatchError(
+                f"it changes the base model's {plain} (BitFit biases or BatchNorm statistics), which the adapters "
+                "loaded onto one model share; load it alone (load_adapter)"
+            )
+
+
+def _move_adapters(source: nn.Module, target: nn.Module, name: str) -> None:
+    """Every LoRA layer's adapter of `source` into the same layer of `target`, as adapter `name`."""
+    for layer_name, layer in named_lora_layers(source).items():
+        module = target.get_submodule(layer_name)
+        if not isinstance(module, LoRALayer):
+            module = type(layer)(module)
+            target.set_submodule(layer_name, module)
+        for adapter in layer.adapters.values():
+            module.attach_adapter(name, adapter)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lora_vision.lora import LoRALayer, classifier_name, named_lora_layers
+from lora_vision.lora import LoRALayer, classifier_name, named_lora_layers, state_dict_key
 from lora_vision.module import frozen_batchnorms
 
 
@@ -54,7 +54,7 @@ def _changed_batchnorm_buffers(model: nn.Module, all_batchnorm_stats: bool) -> s
 
 def adapter_keys(model: nn.Module, all_batchnorm_stats: bool = False) -> list[str]:
     """State-dict keys an adapter file of `model` holds (see `adapter_state`), in state-dict order."""
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    trainable = {state_dict_key(name) for name, p in model.named_parameters() if p.requires_grad}
     layers = named_lora_layers(model)
     batchnorm = _changed_batchnorm_buffers(model, all_batchnorm_stats)
     return [

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from lora_vision.bench.configs import COMPILE, FULL, LINEAR_PROBE, LORA, BenchConfig, ModelSpec, Settings
 from lora_vision.bench.floor import attach_floor
 from lora_vision.bench.peft_side import peft_adapted_names, peft_twin
-from lora_vision.lora import LoRALayer, LoRALinear, apply_lora, resolve_targets
+from lora_vision.lora import LoraAdapter, LoRALinear, apply_lora, resolve_targets
 from lora_vision.methods import FullFineTune, LinearProbe
 from lora_vision.performance import apply_performance_options
 
@@ -20,10 +20,12 @@ OURS, PEFT, FLOOR, COMPOSED = "ours", "peft", "floor", "composed"
 
 
 class ComposedLoRALinear(LoRALinear):
-    """Our LoRALinear computing its function from plain torch ops (`LoRALayer.forward`), as it did before the fused
-    autograd node (`lora_vision.lora.fused`): the same parameters and math, timed to show what the node gains."""
+    """Our LoRALinear computing its function from plain torch ops (`LoraAdapter.forward_with_base`), as it did before
+    the fused autograd node (`lora_vision.lora.fused`): the same parameters and math, timed to show what the node
+    gains."""
 
-    forward = LoRALayer.forward
+    def forward(self, x: Tensor) -> Tensor:
+        return LoraAdapter.forward_with_base(self._single(), x)
 
 
 def use_composed_ops(model: nn.Module) -> None:

@@ -1,399 +1,281 @@
-"""LoRA layers: a frozen base layer plus a trainable low-rank update (Hu et al., 2021, arXiv:2106.09685).
+"""LoRA layers: a frozen base layer and its low-rank adapters, by name.
 
-    y = base(x) + scale * B(A(dropout(x))),   scale = alpha / r   (rsLoRA: alpha / sqrt(r))
+    y = base(x) + sum over the active adapters a of update_a(x)          (lora_vision.lora.adapter)
 
-`A` is Kaiming-uniform initialised (as the base layer's own weight would be) and `B` is zero, so a new adapter
-leaves the model's function exactly unchanged. The scale is a float: integer division (`alpha // r`) would
-silently switch the adapter off whenever alpha < r.
+A layer holds any number of adapters (`adapters`, by name), each with its own rank, alpha, variants, dropout and,
+on a fused qkv Linear, slots. One adapter, `default` unless named otherwise, is what `apply_lora` adds; the same
+layer takes more with `add_adapter`. Which ones apply is the active set (`set_active`), for every sample of a
+batch, or a routing (`lora_vision.lora.routing.route`) that sends each sample through its own adapter: samples are
+grouped by adapter, so a mixed batch costs the base layer's pass plus each adapter's own work on its samples. An
+adapter that does not target a layer is absent from it, and its samples get the base output there.
 
-Variants (rsLoRA, DoRA, PiSSA, ...) are `lora_vision.lora.variants`, one module each, switched on by the
-constructor options that `LoraConfig` declares (`rslora=True`, `dora=True`, `init="pissa"`) and composable with
-each other; the layer calls their hooks (`LoraVariant`) when it sets its scale, once its factors exist, when it
-reads them, in its forward and when it merges or unmerges.
+The layer keeps the wrapped module as `self.base`, so an adapter's `merge()` can fold its update into
+`base.weight` and inference then costs exactly what the base layer costs; `unmerge()` takes it out again. One
+adapter at a time may be merged, and only while it is the one active adapter.
 
-Each layer keeps the wrapped module as `self.base`, so `merge()` can fold the update into `base.weight` and
-inference then costs exactly what the base layer costs; `unmerge()` takes it out again.
+State-dict keys: the tensors of the adapter named `default` keep the names a single-adapter layer has always had
+(`<layer>.lora_A`, `<layer>.lora_magnitude`, ...), so every adapter file and checkpoint written before layers held
+several adapters loads unchanged; another adapter's are `<layer>.adapters.<name>.lora_A`.
 
-Adapters are described in "slot form": per adapted slot s (a q/k/v slice of a fused qkv Linear, or the whole
-layer), the update is the matrix B_s @ A_s of shape (out_s, fan_in), fan_in = in_features for a Linear and
-in_channels / groups * kh * kw for a Conv2d. Analysis and rank truncation work on that form only.
+With one adapter the attributes a single-adapter layer had (`lora_A`, `rank`, `scale`, `low_rank_update()`, ...)
+read that adapter; with several, name one: `layer.adapters["woof"]`.
 """
 
 from __future__ import annotations
 
-import math
-from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lora_vision.lora.config import active_variants, variant_name
-from lora_vision.lora.errors import LoRAConfigError, check_hyperparameters
-from lora_vision.lora.fused import linear_with_low_rank
-from lora_vision.lora.variants import LoraVariant
+from lora_vision.lora.adapter import Conv2dAdapter, LinearAdapter, LoraAdapter
+from lora_vision.lora.errors import LoRAConfigError
 
-QKV_SLOTS = ("q", "k", "v")
+DEFAULT_ADAPTER = "default"
+ADAPTERS = "adapters"
+# Attributes a layer with one adapter reads from it, as a single-adapter layer had them.
+SINGLE_ADAPTER_ATTRIBUTES = frozenset(
+    {
+        "lora_A",
+        "lora_B",
+        "lora_magnitude",
+        "pissa_A0",
+        "pissa_B0",
+        "rank",
+        "alpha",
+        "scale",
+        "variants",
+        "variant",
+        "dropout",
+        "slots",
+        "num_slots",
+        "slot_index",
+        "rank_dims",
+        "slot_names",
+        "parts",
+        "factors",
+        "low_rank_update",
+        "set_low_rank_update",
+        "delta_weight",
+        "base_matrix",
+        "adapter_forward",
+        "_slot_factors",
+        "_native_factors",
+        "_base_slots",
+        "_base_slots_of",
+        "_slots_to_weight",
+        "_slot_delta",
+    }
+)
 
 
-class LoRALayer(nn.Module, ABC):
-    """A frozen base layer with a low-rank update: rank, scale, variants, merging and the slot-form view.
+class AdapterNameError(LoRAConfigError, KeyError):
+    """An adapter name a layer or model does not hold; the message lists the ones it does."""
 
-    Subclasses define how the factors are laid out (`_slot_factors`, `_native_factors`), how the base weight
-    maps to slot form (`_base_slots_of`, `_slots_to_weight`) and the unmerged forward of the low-rank path.
+    def __str__(self) -> str:
+        # KeyError would print the message in quotes.
+        return str(self.args[0])
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not name or "." in name:
+        raise LoRAConfigError(f"adapter name {name!r}: give a non-empty name without dots")
+
+
+class LoRALayer(nn.Module):
+    """A frozen base layer with named low-rank adapters: adding, removing, activating, routing and merging them.
+
+    Subclasses name the adapter class that fits their base (`adapter_class`).
     """
 
-    lora_A: nn.Parameter
-    lora_B: nn.Parameter
-    # Dimension of lora_A and lora_B along which the rank runs.
-    rank_dims: tuple[int, int]
+    adapter_class: type[LoraAdapter]
 
-    def __init__(self, base: nn.Module, rank: int, alpha: float | None, dropout: float, **variants: Any) -> None:
-        check_hyperparameters(rank, alpha, dropout)
-        active = active_variants(variants)
+    def __init__(self, base: nn.Module, *args: Any, adapter_name: str = DEFAULT_ADAPTER, **kwargs: Any) -> None:
+        """The layer with its first adapter `adapter_name` (the adapter class's arguments after the base), or,
+        given no arguments, with none yet (`add_adapter`, `attach_adapter`)."""
         super().__init__()
         self.base = base
-        self.rank = rank
-        self.alpha = float(rank if alpha is None else alpha)
-        self.variants: tuple[LoraVariant, ...] = tuple(active)
-        self.scale = self.alpha / rank
-        for variant in self.variants:
-            self.scale = variant.scale(self)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.merged = False
         base.requires_grad_(False)
+        self.adapters = nn.ModuleDict()
+        self.active: tuple[str, ...] = ()
+        # Set by lora_vision.lora.routing.route for the duration of a forward pass: each sample's adapter.
+        self.routing: Any = None
+        if args or kwargs:
+            self.add_adapter(adapter_name, *args, **kwargs)
         # Swapping a layer into a model in eval mode must not put that one layer into train mode.
         self.train(base.training)
+        self._register_state_dict_hook(_default_adapter_keys_out)
+        self.register_load_state_dict_pre_hook(_default_adapter_keys_in)
 
-    def _init_variants(self) -> None:
-        """Called by subclasses once lora_A and lora_B exist: the variants' `init` hooks."""
-        for variant in self.variants:
-            variant.init(self)
+    # Adapters by name ---------------------------------------------------------------------------------------
 
-    # Layout hooks -------------------------------------------------------------------------------------------
+    def add_adapter(self, name: str, *args: Any, **kwargs: Any) -> LoraAdapter:
+        """A new adapter `name` on this layer (the adapter class's arguments after the base); it joins the active set.
 
-    @abstractmethod
-    def _slot_factors(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-        """Native (A, B) -> slot form (B (S, out_s, R), A (S, R, fan_in))."""
-
-    @abstractmethod
-    def _native_factors(self, b: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
-        """Slot form (B, A) -> native (A, B) with the layer's own parameter shapes."""
-
-    @abstractmethod
-    def _base_slots_of(self, tensor: Tensor) -> Tensor:
-        """An (out, ...) tensor of the base layer (weight, bias) in slot form (S, out_s, ...)."""
-
-    def _base_slots(self) -> Tensor:
-        """The base weight as it is now (merged or not), in slot form (S, out_s, fan_in)."""
-        return self._base_slots_of(self.base.weight)
-
-    @abstractmethod
-    def _slots_to_weight(self, slots: Tensor) -> Tensor:
-        """A slot-form tensor as a full weight-shaped tensor (zero outside the adapted slots)."""
-
-    @abstractmethod
-    def _low_rank_path(self, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
-        """scale * B A x for the adapted part, laid out like `_adapted_part` of the output."""
-
-    @abstractmethod
-    def _adapted_part(self, out: Tensor) -> Tensor:
-        """The base output of the adapted part: (..., S, out_s) for a Linear, the whole output for a Conv2d."""
-
-    @abstractmethod
-    def _per_channel(self, values: Tensor) -> Tensor:
-        """A per-output-channel (S, out_s) tensor, shaped to broadcast against `_adapted_part`."""
-
-    @abstractmethod
-    def _add(self, out: Tensor, contribution: Tensor) -> Tensor:
-        """The base output plus the adapter's contribution to the adapted part."""
-
-    # Factors and updates ------------------------------------------------------------------------------------
-
-    def factors(self) -> tuple[Tensor, Tensor]:
-        """Native (A, B) whose product (times `scale`) is the update (a variant may change them: PiSSA's)."""
-        a, b = self.lora_A, self.lora_B
-        for variant in self.variants:
-            a, b = variant.factors(self, a, b)
-        return a, b
-
-    def low_rank_update(self) -> tuple[Tensor, Tensor]:
-        """(B, A) in slot form with the scale folded into B: the update of slot s is exactly B[s] @ A[s]."""
-        b, a = self._slot_factors(*self.factors())
-        return b * self.scale, a
-
-    @torch.no_grad()
-    def set_low_rank_update(self, b: Tensor, a: Tensor) -> None:
-        """Make the update of slot s equal B[s] @ A[s] (rank k <= r; slot form). A DoRA magnitude is kept."""
+        An adapter starts as an exact no-op (B = 0, or PiSSA's B A - B0 A0 = 0), so adding one changes nothing.
+        """
+        _check_name(name)
+        if name in self.adapters:
+            raise LoRAConfigError(f"this layer already holds an adapter named {name!r}; remove it or pick another")
         if self.merged:
-            raise RuntimeError("unmerge() the adapter before replacing its update")
-        k = a.shape[-2]
-        if k > self.rank or b.shape[-1] != k:
-            raise ValueError(f"update of rank {k} does not fit this rank-{self.rank} adapter")
-        shape_b, shape_a = (t.shape for t in self._slot_factors(self.lora_A, self.lora_B))
-        padded_b = b.new_zeros(shape_b)
-        padded_a = a.new_zeros(shape_a)
-        padded_b[..., :k] = b / self.scale
-        padded_a[..., :k, :] = a
-        new_a, new_b = self._native_factors(padded_b, padded_a)
-        self.lora_A.copy_(new_a)
-        self.lora_B.copy_(new_b)
-        for variant in self.variants:
-            variant.update_replaced(self)
+            raise RuntimeError("unmerge() before adding an adapter to a layer with a merged one")
+        adapter = self.adapter_class(self.base, *args, **kwargs)
+        self.adapters[name] = adapter
+        self.active = (*self.active, name)
+        return adapter
 
-    def _slot_delta(self) -> Tensor:
-        b, a = self.low_rank_update()
-        return b @ a
-
-    def delta_weight(self) -> Tensor:
-        """The low-rank update shaped like `base.weight` (for DoRA: the update of the direction)."""
-        return self._slots_to_weight(self._slot_delta())
-
-    def base_matrix(self) -> Tensor:
-        """The frozen base weight W0 of the adapted slots, in slot form (S, out_s, fan_in)."""
+    def attach_adapter(self, name: str, adapter: LoraAdapter) -> None:
+        """Hold `adapter`, built on a copy of this layer's base with the same weights, as adapter `name` of this
+        layer: from now on it computes against this layer's base. It joins the active set."""
+        _check_name(name)
+        if name in self.adapters:
+            raise LoRAConfigError(f"this layer already holds an adapter named {name!r}; remove it or pick another")
+        if not isinstance(adapter, self.adapter_class) or adapter.base.weight.shape != self.base.weight.shape:
+            raise LoRAConfigError(f"a {type(adapter).__name__} does not fit this layer's {type(self.base).__name__}")
         if self.merged:
-            raise RuntimeError("the base weight holds the merged update; unmerge() first")
-        return self._base_slots()
+            raise RuntimeError("unmerge() before adding an adapter to a layer with a merged one")
+        object.__setattr__(adapter, "base", self.base)
+        self.adapters[name] = adapter
+        self.active = (*self.active, name)
 
-    @property
-    def variant(self) -> str:
-        return variant_name(v.name for v in self.variants)
+    def remove_adapter(self, name: str) -> None:
+        adapter = self.adapter(name)
+        if adapter.merged:
+            raise RuntimeError(f"adapter {name!r} is merged into the base weight; unmerge() before removing it")
+        del self.adapters[name]
+        self.active = tuple(a for a in self.active if a != name)
 
-    @property
-    def slot_names(self) -> tuple[str, ...]:
-        return ("all",)
+    def adapter(self, name: str) -> LoraAdapter:
+        if name not in self.adapters:
+            raise AdapterNameError(f"no adapter {name!r} on this layer; it holds {', '.join(self.adapters) or 'none'}")
+        return self.adapters[name]
 
-    @property
-    def parts(self) -> str:
-        """Which part of the base output is adapted, for summaries ("all", or e.g. "q,v")."""
-        return ",".join(self.slot_names)
+    def set_active(self, names: Iterable[str]) -> None:
+        """Apply the adapters `names` (those this layer holds) to every sample; the others are kept but skipped."""
+        wanted = tuple(dict.fromkeys(names))
+        if self.merged and set(wanted) != {name for name, a in self.adapters.items() if a.merged}:
+            raise RuntimeError("an adapter is merged into the base weight; unmerge() before changing the active set")
+        self.active = tuple(name for name in wanted if name in self.adapters)
+
+    def _single(self) -> LoraAdapter:
+        """The layer's one adapter, for the attributes of a single-adapter layer."""
+        if len(self.adapters) != 1:
+            raise AttributeError(
+                f"this layer holds the adapters {', '.join(self.adapters) or 'none'}; name one: layer.adapters[name]"
+            )
+        return next(iter(self.adapters.values()))
+
+    def __getattr__(self, name: str) -> Any:
+        if name in SINGLE_ADAPTER_ATTRIBUTES:
+            return getattr(self._single(), name)
+        return super().__getattr__(name)
 
     # Forward and merging ------------------------------------------------------------------------------------
 
-    def adapter_forward(self, x: Tensor, out: Tensor) -> Tensor:
-        """Add the update for input `x` to the base output `out`."""
-        delta = self._low_rank_path(self.dropout(x), *self.factors())
-        for variant in self.variants:
-            delta = variant.forward(self, out, delta)
-        return self._add(out, delta)
+    @property
+    def merged(self) -> bool:
+        return any(adapter.merged for adapter in self.adapters.values())
 
-    def _bias_slots(self) -> Tensor:
-        return self._base_slots_of(self.base.bias[:, None])[..., 0]
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.adapters)
+
+    def _through(self, name: str | None, x: Tensor) -> Tensor:
+        """`x` through adapter `name` alone, or through the base layer when it holds no such adapter."""
+        if name in self.adapters:
+            return self.adapters[name].forward_with_base(x)
+        return self.base(x)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.routing is not None:
+            return self.routing.apply(x, self._through)
+        active = [self.adapters[name] for name in self.active]
+        if self.merged:
+            trains = self.training and torch.is_grad_enabled()
+            if trains and any(p.requires_grad for a in active for p in a.parameters()):
+                # A merged adapter is invisible to autograd: training on would silently leave A and B untouched.
+                raise RuntimeError("LoRA weights are merged into the base layer; call unmerge() before training")
+            return self.base(x)
+        if len(active) == 1:
+            return active[0].forward_with_base(x)
+        rescaling = [name for name in self.active if not self.adapters[name].additive]
+        if rescaling:
+            raise LoRAConfigError(
+                f"adapter {rescaling[0]!r} ({self.adapters[rescaling[0]].variant}) rescales the layer's whole output, "
+                f"so it cannot be summed with adapters {', '.join(n for n in self.active if n != rescaling[0])}: "
+                "activate one, or route each sample to its own"
+            )
         out = self.base(x)
-        if not self.merged:
-            return self.adapter_forward(x, out)
-        if self.training and torch.is_grad_enabled() and self.lora_A.requires_grad:
-            # A merged adapter is invisible to autograd: training on would silently leave A and B untouched.
-            raise RuntimeError("LoRA weights are merged into the base layer; call unmerge() before training")
+        for adapter in active:
+            out = adapter.adapter_forward(x, out)
         return out
 
-    @torch.no_grad()
     def merge(self) -> None:
-        """Fold the update into the base weight (idempotent)."""
-        if self.merged:
-            return
-        change = self._slot_delta()
-        for variant in self.variants:
-            change = variant.merged_change(self, change)
-        self.base.weight += self._slots_to_weight(change).to(self.base.weight.dtype)
-        self.merged = True
+        """Fold the update of the active adapter into the base weight (none active: nothing to fold)."""
+        if len(self.active) > 1:
+            raise LoRAConfigError(
+                f"adapters {', '.join(self.active)} are active: a merge folds one adapter into the weight every "
+                "sample goes through; activate one (set_active_adapters) first"
+            )
+        for name in self.active:
+            self.adapters[name].merge()
 
-    @torch.no_grad()
     def unmerge(self) -> None:
-        """Take the update out again. Restores the weight up to float rounding (about 1 ulp of the weight)."""
-        if not self.merged:
-            return
-        change = self._slot_delta()
-        for variant in self.variants:
-            change = variant.unmerged_change(self, change)
-        self.base.weight -= self._slots_to_weight(change).to(self.base.weight.dtype)
-        self.merged = False
+        """Take every merged update out of the base weight again (to float rounding)."""
+        for adapter in self.adapters.values():
+            adapter.unmerge()
 
     @property
     def adapter_parameters(self) -> int:
-        return sum(p.numel() for name, p in self.named_parameters() if not name.startswith("base."))
+        return sum(adapter.adapter_parameters for adapter in self.adapters.values())
 
     @property
     def base_parameters(self) -> int:
         return sum(p.numel() for p in self.base.parameters())
 
 
-class LoRALinear(LoRALayer):
-    """LoRA on an `nn.Linear`, optionally on only some equal-size output slices ("slots") of it.
+def state_dict_key(name: str) -> str:
+    """The state-dict key of a parameter or buffer name (`model.named_parameters()`): the default adapter's
+    tensors are saved under a single-adapter layer's names, without `adapters.default.`."""
+    inner = f".{ADAPTERS}.{DEFAULT_ADAPTER}."
+    return name.replace(inner, ".") if not name.startswith(inner[1:]) else name[len(inner) - 1 :]
 
-    timm ViTs compute q, k and v with one fused `qkv` Linear (out = 3 * dim). With `num_slots=3` and
-    `slots=(0, 2)` only Wq and Wv are adapted, each with its own rank-r pair A_i (r x in), B_i (dim x r), while
-    Wk stays exactly frozen: the Wq, Wv setting of the LoRA paper. Adapting the whole fused layer
-    (`num_slots=1`, what PEFT can express) instead shares one A across q, k and v.
+
+def _default_adapter_keys_out(module: LoRALayer, state: dict[str, Tensor], prefix: str, metadata: Any) -> None:
+    inner = f"{prefix}{ADAPTERS}.{DEFAULT_ADAPTER}."
+    for key in [k for k in state if k.startswith(inner)]:
+        state[prefix + key[len(inner) :]] = state.pop(key)
+
+
+def _default_adapter_keys_in(module: LoRALayer, state: dict[str, Tensor], prefix: str, *args: Any) -> None:
+    # Every key of this layer that is neither its base's nor a named adapter's is the default adapter's.
+    if DEFAULT_ADAPTER not in module.adapters:
+        return
+    own = (f"{prefix}base.", f"{prefix}{ADAPTERS}.")
+    for key in [k for k in state if k.startswith(prefix) and not k.startswith(own)]:
+        state[f"{prefix}{ADAPTERS}.{DEFAULT_ADAPTER}.{key[len(prefix) :]}"] = state.pop(key)
+
+
+class LoRALinear(LoRALayer):
+    """LoRA on an `nn.Linear`; its adapters may each adapt all of it or some q/k/v slots (`LinearAdapter`).
+
+    `LoRALinear(base, rank, alpha, dropout, num_slots, slots, **variants)` creates the layer with its first
+    adapter, as a single-adapter layer always was.
     """
 
-    rank_dims = (1, 2)
-
-    def __init__(
-        self,
-        base: nn.Linear,
-        rank: int,
-        alpha: float | None = None,
-        dropout: float = 0.0,
-        num_slots: int = 1,
-        slots: Sequence[int] | None = None,
-        **variants: Any,
-    ) -> None:
-        if num_slots < 1 or base.out_features % num_slots:
-            raise LoRAConfigError(f"cannot split {base.out_features} output features into {num_slots} equal slots")
-        slots = tuple(range(num_slots)) if slots is None else tuple(sorted(set(slots)))
-        if not slots or not all(0 <= s < num_slots for s in slots):
-            raise LoRAConfigError(f"slots must be a non-empty subset of 0..{num_slots - 1}, got {slots}")
-        super().__init__(base, rank, alpha, dropout, **variants)
-        self.num_slots = num_slots
-        self.slots = slots
-        slot_out = base.out_features // num_slots
-        weight = base.weight
-        self.lora_A = nn.Parameter(weight.new_empty(len(slots), rank, base.in_features))
-        self.lora_B = nn.Parameter(weight.new_zeros(len(slots), slot_out, rank))
-        self.register_buffer("slot_index", torch.tensor(slots, device=weight.device), persistent=False)
-        self.reset_parameters()
-        self._init_variants()
+    adapter_class = LinearAdapter
 
     @staticmethod
     def max_rank(base: nn.Linear, num_slots: int = 1) -> int:
-        return min(base.in_features, base.out_features // num_slots)
-
-    def reset_parameters(self) -> None:
-        # Per slot, so each A_i gets nn.Linear's own fan-in (in_features), not that of the stacked tensor.
-        for a in self.lora_A:
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
-
-    def _slot_factors(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-        return b, a
-
-    def _native_factors(self, b: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
-        return a, b
-
-    def _base_slots_of(self, tensor: Tensor) -> Tensor:
-        return tensor.unflatten(0, (self.num_slots, -1)).index_select(0, self.slot_index)
-
-    def _slots_to_weight(self, slots: Tensor) -> Tensor:
-        full = slots.new_zeros(self.num_slots, *slots.shape[1:])
-        return full.index_copy(0, self.slot_index, slots).flatten(0, 1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        base = self.base
-        fusable = (
-            not self.merged
-            and all(v.fusable for v in self.variants)
-            and type(base).forward is nn.Linear.forward
-            and not any(p.requires_grad for p in base.parameters())
-        )
-        if not fusable:
-            return super().forward(x)
-        # The same function as the composed path below, in one autograd node (see lora_vision.lora.fused).
-        a, b = self.factors()
-        return linear_with_low_rank(x, self.dropout(x), base.weight, base.bias, a, b, self.scale, self.slots)
-
-    def _low_rank_path(self, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
-        # One matmul computes A_i x for all slots; scaling the rank-r activations is cheaper than the output.
-        h = F.linear(x, a.flatten(0, 1)) * self.scale
-        h = h.unflatten(-1, (len(self.slots), a.shape[1]))
-        return torch.einsum("...sr,sor->...so", h, b)
-
-    def _adapted_part(self, out: Tensor) -> Tensor:
-        return out.unflatten(-1, (self.num_slots, -1)).index_select(-2, self.slot_index)
-
-    def _per_channel(self, values: Tensor) -> Tensor:
-        return values
-
-    def _add(self, out: Tensor, contribution: Tensor) -> Tensor:
-        if len(self.slots) == self.num_slots:
-            return out + contribution.flatten(-2)
-        return out.unflatten(-1, (self.num_slots, -1)).index_add(-2, self.slot_index, contribution).flatten(-2)
-
-    @property
-    def slot_names(self) -> tuple[str, ...]:
-        if self.num_slots == 1:
-            return ("all",)
-        names = QKV_SLOTS if self.num_slots == len(QKV_SLOTS) else tuple(map(str, range(self.num_slots)))
-        return tuple(names[s] for s in self.slots)
+        return LinearAdapter.max_rank(base, num_slots)
 
 
 class LoRAConv2d(LoRALayer):
-    """LoRA on an `nn.Conv2d` or any subclass (e.g. timm's `Conv2dSame`, which pads at run time).
+    """LoRA on an `nn.Conv2d` or any subclass, grouped and depthwise included (`Conv2dAdapter`)."""
 
-    The update treats the kernel as an (out, in/groups * kh * kw) matrix: dW = B @ A with A (r, in/groups, kh, kw)
-    and B (out, r), so its rank is at most r and it folds into the weight exactly. Unmerged, A runs as a conv
-    with the base layer's own kernel size, stride, padding, dilation and padding mode (r output channels) and
-    B as a 1x1 conv r -> out. This differs from loralib's ConvLoRA, which factorises an (out*k, in*k)
-    reshaping of the kernel, so its update has rank up to r*k rather than r.
-
-    Grouped and depthwise convs: dW has the base weight's (out, in/groups, kh, kw) shape, i.e. every output
-    channel's kernel moves within the span of r shared basis kernels. Merging stays exact and any rank up to
-    `max_rank` works (PEFT refuses to merge grouped convs and requires rank % groups == 0).
-    """
-
-    rank_dims = (0, 1)
-
-    def __init__(
-        self,
-        base: nn.Conv2d,
-        rank: int,
-        alpha: float | None = None,
-        dropout: float = 0.0,
-        **variants: Any,
-    ) -> None:
-        super().__init__(base, rank, alpha, dropout, **variants)
-        weight = base.weight
-        self.lora_A = nn.Parameter(weight.new_empty(rank, *weight.shape[1:]))
-        self.lora_B = nn.Parameter(weight.new_zeros(base.out_channels, rank))
-        self.reset_parameters()
-        self._init_variants()
+    adapter_class = Conv2dAdapter
 
     @staticmethod
     def max_rank(base: nn.Conv2d) -> int:
-        return min(base.out_channels, math.prod(base.weight.shape[1:]))
-
-    def reset_parameters(self) -> None:
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
-
-    def _slot_factors(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-        return b[None], a.flatten(1)[None]
-
-    def _native_factors(self, b: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
-        return a[0].unflatten(1, self.base.weight.shape[1:]), b[0]
-
-    def _base_slots_of(self, tensor: Tensor) -> Tensor:
-        return tensor.flatten(1)[None]
-
-    def _slots_to_weight(self, slots: Tensor) -> Tensor:
-        return slots[0].view_as(self.base.weight)
-
-    def _base_conv(self, x: Tensor, kernel: Tensor) -> Tensor:
-        # Running the base layer's own forward with another kernel reproduces its exact geometry (padding
-        # mode, dynamic "same" padding of subclasses) without re-implementing any of it. A plain Conv2d's forward
-        # is `_conv_forward`, called directly: functional_call's parameter swapping costs ~20 us per call.
-        if type(self.base).forward is nn.Conv2d.forward:
-            return self.base._conv_forward(x, kernel, None)
-        return torch.func.functional_call(self.base, {"weight": kernel, "bias": None}, (x,))
-
-    def _low_rank_path(self, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
-        if self.base.groups == 1:
-            h = self._base_conv(x, a) * self.scale
-            return F.conv2d(h, b[:, :, None, None])
-        # Grouped: one conv with the composed kernel, since the two-conv form would need groups * r
-        # intermediate channels (r times the input for a depthwise conv).
-        kernel = (b @ a.flatten(1)).view_as(self.base.weight) * self.scale
-        return self._base_conv(x, kernel)
-
-    def _adapted_part(self, out: Tensor) -> Tensor:
-        return out
-
-    def _per_channel(self, values: Tensor) -> Tensor:
-        return values[0][:, None, None]
-
-    def _add(self, out: Tensor, contribution: Tensor) -> Tensor:
-        return out + contribution
+        return Conv2dAdapter.max_rank(base)

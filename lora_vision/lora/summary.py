@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from lora_vision.lora.layers import LoRAConv2d, LoRALayer
+from lora_vision.lora.layers import DEFAULT_ADAPTER, LoRAConv2d, LoRALayer
 from lora_vision.lora.targets import classifier_name
 
 
@@ -78,10 +78,20 @@ def _shape(layer: LoRALayer) -> str:
 
 def summarize(model: nn.Module) -> ParameterSummary:
     """Count trainable/total parameters and list the LoRA layers of `model` as it is now."""
+    # One row per adapter; the default adapter's row is named by its layer alone, as a single-adapter model's.
     layers = [
-        AdaptedLayer(name, type(m.base).__name__, _shape(m), m.parts, m.rank, m.alpha, m.adapter_parameters)
+        AdaptedLayer(
+            name if adapter_name == DEFAULT_ADAPTER else f"{name} [{adapter_name}]",
+            type(m.base).__name__,
+            _shape(m),
+            adapter.parts,
+            adapter.rank,
+            adapter.alpha,
+            adapter.adapter_parameters,
+        )
         for name, m in model.named_modules()
         if isinstance(m, LoRALayer)
+        for adapter_name, adapter in m.adapters.items()
     ]
     head_name = classifier_name(model)
     head_params = list(model.get_submodule(head_name).parameters()) if head_name else []

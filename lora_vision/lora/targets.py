@@ -23,8 +23,9 @@ from typing import TypeVar
 
 from torch import nn
 
+from lora_vision.lora.adapter import QKV_SLOTS
 from lora_vision.lora.errors import LoRAConfigError
-from lora_vision.lora.layers import QKV_SLOTS, LoRALayer
+from lora_vision.lora.layers import DEFAULT_ADAPTER, LoRALayer
 
 ADAPTABLE = (nn.Linear, nn.Conv2d)
 
@@ -94,7 +95,7 @@ def block_index(name: str) -> int | None:
 
 
 def adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Linear/Conv2d modules by name, skipping the insides of layers that already carry an adapter."""
+    """Linear/Conv2d modules by name; a layer that already carries adapters stands for its base (it takes more)."""
     found: dict[str, nn.Module] = {}
     skip: list[str] = []
     for name, module in model.named_modules():
@@ -102,7 +103,7 @@ def adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
             continue
         if isinstance(module, LoRALayer):
             skip.append(name + ".")
-            found[name] = module
+            found[name] = module.base
         elif isinstance(module, ADAPTABLE):
             found[name] = module
     return found
@@ -220,8 +221,10 @@ def resolve_targets(
     model: nn.Module,
     targets: str | Iterable[str],
     blocks: int | str | Sequence[int] | None = None,
+    adapter_name: str = DEFAULT_ADAPTER,
 ) -> list[Target]:
-    """Resolve targets to modules in model order. Raises `LoRAConfigError` without touching the model."""
+    """Resolve targets to modules in model order, for an adapter named `adapter_name`. Raises `LoRAConfigError`
+    without touching the model; a target that already holds an adapter of that name is one."""
     candidates = adaptable_modules(model)
     names = list(candidates)
     head = classifier_name(model)
@@ -239,8 +242,12 @@ def resolve_targets(
             if not hits:
                 raise LoRAConfigError(f"{where} matches no module in blocks {sorted(chosen_blocks)} ({blocks=})")
         for name in hits:
-            if isinstance(candidates[name], LoRALayer):
-                raise LoRAConfigError(f"{name} already has a LoRA adapter; apply LoRA once per model")
+            layer = model.get_submodule(name)
+            if isinstance(layer, LoRALayer) and adapter_name in layer.adapters:
+                raise LoRAConfigError(
+                    f"{name} already has a LoRA adapter named {adapter_name!r}; apply LoRA once per model, or give "
+                    "another adapter its own name (adapter_name=...)"
+                )
             if slots is not None and not _is_fused_qkv(name, candidates[name]):
                 raise LoRAConfigError(
                     f"{where}: q/k/v selectors need a fused qkv Linear (name ending in 'qkv', out = 3 x dim), "

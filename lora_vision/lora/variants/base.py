@@ -1,12 +1,13 @@
-"""`LoraVariant`: the hooks through which a member of the LoRA family changes a `LoRALayer`.
+"""`LoraVariant`: the hooks through which a member of the LoRA family changes one adapter (`LoraAdapter`).
 
-A layer calls every active variant at fixed points: when it computes its scale, once its factors exist, when it
-reads its factors, in its forward, and when it merges or unmerges. Each hook's default leaves plain LoRA
-unchanged, so a variant overrides only what it changes. Whatever a variant trains or keeps lives on the layer
-(parameters and buffers registered in `init`), so it is saved and loaded with the layer's state dict; a variant
-instance belongs to one layer and may hold that layer's transient state (e.g. what a merge folded in).
+An adapter calls every variant it was built with at fixed points: when it computes its scale, once its factors
+exist, when it reads its factors, in its forward, and when it merges or unmerges. Each hook's default leaves plain
+LoRA unchanged, so a variant overrides only what it changes. Whatever a variant trains or keeps lives on the
+adapter (parameters and buffers registered in `init`), so it is saved and loaded with the adapter's state, and two
+adapters of one layer each keep their own; a variant instance belongs to one adapter and may hold its transient
+state (e.g. what a merge folded in).
 
-Composition. Several variants may be active on one layer (rsLoRA + DoRA + PiSSA). Their hooks run in the order of
+Composition. Several variants may be active on one adapter (rsLoRA + DoRA + PiSSA). Their hooks run in the order of
 the variants' names, and each hook composes in one defined way:
 
 - `scale` replaces plain LoRA's alpha / r, so at most one active variant may override it;
@@ -20,7 +21,7 @@ the variants' names, and each hook composes in one defined way:
 `check_composable` refuses, with a `LoRAConfigError` naming both, a combination in which two variants override the
 same exclusive hook; `LoraConfig` and the layers call it before anything is built.
 
-PEFT. `to_peft` and `from_peft` map a variant's part of a layer's adapter to and from PEFT's LoRA (`PeftForm`), and
+PEFT. `to_peft` and `from_peft` map a variant's part of an adapter to and from PEFT's LoRA (`PeftForm`), and
 `peft_setting` is the entry of PEFT's config that switches the same function on there (None where PEFT has none).
 A variant that does not define the two hooks is refused by name when an adapter that uses it is exported to, or
 read from, PEFT's format: nothing is written approximately.
@@ -37,12 +38,12 @@ from torch import Tensor
 from lora_vision.lora.errors import LoRAConfigError, PeftFormatError
 
 if TYPE_CHECKING:
-    from lora_vision.lora.layers import LoRALayer
+    from lora_vision.lora.adapter import LoraAdapter
 
 
 @dataclass
 class PeftForm:
-    """One layer's adapter as PEFT's LoRA holds it, in slot form (see `lora_vision.lora.layers`).
+    """One adapter as PEFT's LoRA holds it, in slot form (see `lora_vision.lora.adapter`).
 
     PEFT adds `lora_alpha / R**rank_exponent * b[s] @ a[s]` to slot s, R being the whole layer's rank.
 
@@ -65,43 +66,43 @@ class LoraVariant:
     # How plots and tables name it.
     label: ClassVar[str]
     setting: ClassVar[tuple[str, Any]]
-    # Whether lora_vision.lora.fused's single autograd node still computes the layer (it knows plain LoRA only).
+    # Whether lora_vision.lora.fused's single autograd node still computes the adapter (it knows plain LoRA only).
     fusable: ClassVar[bool] = True
     # The entry of PEFT's adapter_config.json that switches this variant on in PEFT, e.g. ("use_dora", True).
     peft_setting: ClassVar[tuple[str, Any] | None] = None
 
-    def scale(self, layer: LoRALayer) -> float:
+    def scale(self, adapter: LoraAdapter) -> float:
         """The factor the update B A is multiplied by."""
-        return layer.scale
+        return adapter.scale
 
-    def init(self, layer: LoRALayer) -> None:
-        """Called once the layer's lora_A and lora_B exist (and hold plain LoRA's initial values)."""
+    def init(self, adapter: LoraAdapter) -> None:
+        """Called once the adapter's lora_A and lora_B exist (and hold plain LoRA's initial values)."""
 
-    def factors(self, layer: LoRALayer, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    def factors(self, adapter: LoraAdapter, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
         """The native (A, B) whose product, times the scale, is the update."""
         return a, b
 
-    def forward(self, layer: LoRALayer, out: Tensor, delta: Tensor) -> Tensor:
+    def forward(self, adapter: LoraAdapter, out: Tensor, delta: Tensor) -> Tensor:
         """The contribution to add to the adapted part of the base output `out`, given the low-rank path's."""
         return delta
 
-    def merged_change(self, layer: LoRALayer, change: Tensor) -> Tensor:
+    def merged_change(self, adapter: LoraAdapter, change: Tensor) -> Tensor:
         """The slot-form change a merge adds to the base weight, given the plain update's."""
         return change
 
-    def unmerged_change(self, layer: LoRALayer, change: Tensor) -> Tensor:
+    def unmerged_change(self, adapter: LoraAdapter, change: Tensor) -> Tensor:
         """The slot-form change an unmerge takes out of the (merged) base weight, given the plain update's."""
         return change
 
-    def update_replaced(self, layer: LoRALayer) -> None:
+    def update_replaced(self, adapter: LoraAdapter) -> None:
         """Called after `set_low_rank_update` wrote new factors (the update must then be exactly B A)."""
 
-    def to_peft(self, layer: LoRALayer, form: PeftForm) -> PeftForm:
-        """`form` (plain LoRA's, with the earlier variants' parts) with this variant's part of `layer` added."""
+    def to_peft(self, adapter: LoraAdapter, form: PeftForm) -> PeftForm:
+        """`form` (plain LoRA's, with the earlier variants' parts) with this variant's part of `adapter` added."""
         raise self._no_peft_mapping()
 
-    def from_peft(self, layer: LoRALayer, form: PeftForm) -> PeftForm:
-        """Set this variant's part of `layer` from PEFT's `form`; return the rest, as `to_peft` received it."""
+    def from_peft(self, adapter: LoraAdapter, form: PeftForm) -> PeftForm:
+        """Set this variant's part of `adapter` from PEFT's `form`; return the rest, as `to_peft` received it."""
         raise self._no_peft_mapping()
 
     def _no_peft_mapping(self) -> PeftFormatError:

@@ -1,6 +1,6 @@
 """DoRA (Liu et al., 2024, arXiv:2402.09353): W' = m * (W0 + dW) / ||W0 + dW||.
 
-The norm is taken per output channel; the magnitude m (initialised to ||W0||, the layer's `lora_magnitude`)
+The norm is taken per output channel; the magnitude m (initialised to ||W0||, the adapter's `lora_magnitude`)
 trains and the direction gets the low-rank update. The norm is treated as a constant in the backward pass, as
 the paper's section 4.3 does to save memory.
 """
@@ -17,7 +17,7 @@ from lora_vision.lora.errors import PeftFormatError
 from lora_vision.lora.variants.base import LoraVariant, PeftForm
 
 if TYPE_CHECKING:
-    from lora_vision.lora.layers import LoRALayer
+    from lora_vision.lora.adapter import LoraAdapter
 
 
 class DoRA(LoraVariant):
@@ -30,44 +30,44 @@ class DoRA(LoraVariant):
     def __init__(self) -> None:
         self._merged_factor: Tensor | None = None
 
-    def init(self, layer: LoRALayer) -> None:
-        layer.lora_magnitude = nn.Parameter(layer._base_slots().norm(dim=-1))
+    def init(self, adapter: LoraAdapter) -> None:
+        adapter.lora_magnitude = nn.Parameter(adapter._base_slots().norm(dim=-1))
 
     @staticmethod
-    def factor(layer: LoRALayer) -> Tensor:
+    def factor(adapter: LoraAdapter) -> Tensor:
         """m / ||W0 + dW|| per output channel (S, out_s), the norm detached (DoRA section 4.3)."""
-        norm = (layer._base_slots() + layer._slot_delta()).norm(dim=-1).detach()
+        norm = (adapter._base_slots() + adapter._slot_delta()).norm(dim=-1).detach()
         # A dead (all-zero) channel has m = 0 too; clamping keeps its factor at 0 instead of 0/0.
-        return layer.lora_magnitude / norm.clamp_min(torch.finfo(norm.dtype).tiny)
+        return adapter.lora_magnitude / norm.clamp_min(torch.finfo(norm.dtype).tiny)
 
-    def forward(self, layer: LoRALayer, out: Tensor, delta: Tensor) -> Tensor:
+    def forward(self, adapter: LoraAdapter, out: Tensor, delta: Tensor) -> Tensor:
         # m/||W|| (W0 x + dW x) + b, written as out + (f - 1) W0 x + f dW x: both terms are exactly zero at
         # initialisation (f = 1, dW = 0), so a new adapter leaves the output bit-for-bit unchanged.
-        factor = layer._per_channel(self.factor(layer))
-        base_out = layer._adapted_part(out)
-        if layer.base.bias is not None:
-            base_out = base_out - layer._per_channel(layer._bias_slots())
+        factor = adapter._per_channel(self.factor(adapter))
+        base_out = adapter._adapted_part(out)
+        if adapter.base.bias is not None:
+            base_out = base_out - adapter._per_channel(adapter._bias_slots())
         return (factor - 1) * base_out + factor * delta
 
-    def merged_change(self, layer: LoRALayer, change: Tensor) -> Tensor:
-        factor = self.factor(layer)
+    def merged_change(self, adapter: LoraAdapter, change: Tensor) -> Tensor:
+        factor = self.factor(adapter)
         self._merged_factor = factor
-        return (factor[..., None] - 1) * layer._base_slots() + factor[..., None] * change
+        return (factor[..., None] - 1) * adapter._base_slots() + factor[..., None] * change
 
-    def unmerged_change(self, layer: LoRALayer, change: Tensor) -> Tensor:
+    def unmerged_change(self, adapter: LoraAdapter, change: Tensor) -> Tensor:
         # Divide the merged weight by the factor the merge used (the current factor would read the merged weight).
-        merged = layer._base_slots()
+        merged = adapter._base_slots()
         original = merged / self._merged_factor[..., None] - change
         self._merged_factor = None
         return merged - original
 
-    def to_peft(self, layer: LoRALayer, form: PeftForm) -> PeftForm:
+    def to_peft(self, adapter: LoraAdapter, form: PeftForm) -> PeftForm:
         # PEFT's DoRA is this function: the magnitude over the detached per-channel norm of W0 + scale B A.
-        return replace(form, magnitude=layer.lora_magnitude.detach())
+        return replace(form, magnitude=adapter.lora_magnitude.detach())
 
     @torch.no_grad()
-    def from_peft(self, layer: LoRALayer, form: PeftForm) -> PeftForm:
+    def from_peft(self, adapter: LoraAdapter, form: PeftForm) -> PeftForm:
         if form.magnitude is None:
             raise PeftFormatError("a DoRA adapter, but PEFT's tensors hold no lora_magnitude_vector for it")
-        layer.lora_magnitude.copy_(form.magnitude)
+        adapter.lora_magnitude.copy_(form.magnitude)
         return replace(form, magnitude=None)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from lora_vision.lora.variants.base import LoraVariant, PeftForm
 
 if TYPE_CHECKING:
-    from lora_vision.lora.layers import LoRALayer
+    from lora_vision.lora.adapter import LoraAdapter
 
 
 class RsLoRA(LoraVariant):
@@ -22,13 +22,13 @@ class RsLoRA(LoraVariant):
     setting = ("rslora", True)
     peft_setting = ("use_rslora", True)
 
-    def scale(self, layer: LoRALayer) -> float:
-        return layer.alpha / math.sqrt(layer.rank)
+    def scale(self, adapter: LoraAdapter) -> float:
+        return adapter.alpha / math.sqrt(adapter.rank)
 
-    def to_peft(self, layer: LoRALayer, form: PeftForm) -> PeftForm:
+    def to_peft(self, adapter: LoraAdapter, form: PeftForm) -> PeftForm:
         # PEFT's use_rslora divides lora_alpha by sqrt(R), as this variant divides alpha by sqrt(r).
         return replace(form, rank_exponent=0.5)
 
-    def from_peft(self, layer: LoRALayer, form: PeftForm) -> PeftForm:
-        # The layer's scale follows from its own alpha and rank; the factors carry nothing of this variant.
+    def from_peft(self, adapter: LoraAdapter, form: PeftForm) -> PeftForm:
+        # The adapter's scale follows from its own alpha and rank; the factors carry nothing of this variant.
         return replace(form, rank_exponent=1.0)
