@@ -74,7 +74,7 @@ def build_module(
         num_classes,
         **OmegaConf.to_container(cfg.optim, resolve=True),
         **OmegaConf.to_container(cfg.module, resolve=True),
-        lr_ratios=method.lr_ratios(),
+        lr_ratios=method.lr_ratios(model),
         **extra,
     )
 

@@ -4,8 +4,8 @@ Each is a small object Hydra instantiates from the `lora/` config group (`_targe
 its settings, so a bad value fails before any model is built; `apply(model)` prepares the model in place and
 returns its parameter budget; `describe()` is what results files record; `config()` is the method as plain data,
 its name in `METHODS` and its settings (what adapter files store), from which `method_from_config` rebuilds an
-equal method without importing or calling anything the record names; `lr_ratios()` asks the optimizer for
-per-parameter learning-rate multipliers.
+equal method without importing or calling anything the record names; `lr_ratios(model)` asks the optimizer for
+learning-rate multipliers by parameter name.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
-from lora_vision.lora import ParameterSummary, apply_lora, freeze_backbone, summarize
+from lora_vision.lora import ParameterSummary, apply_lora, freeze_backbone, named_lora_layers, summarize
 from lora_vision.lora.config import RECORDED, SETTINGS, LoraConfig
 from lora_vision.lora.errors import LoRAConfigError
+from lora_vision.lora.layers import ADAPTERS, DEFAULT_ADAPTER
 
 
 def _plain(value: Any) -> Any:
@@ -45,9 +46,17 @@ class LoRA:
     def apply(self, model: nn.Module) -> ParameterSummary:
         return apply_lora(model, self.settings)
 
-    def lr_ratios(self) -> dict[str, float]:
+    def lr_ratios(self, model: nn.Module) -> dict[str, float]:
+        """LoRA+: the ratio for the B factor of each adapter this method added to `model` (the `default` ones), by
+        parameter name; the B factors of other adapters on the same layers keep their own learning rate."""
         ratio = self.settings.loraplus_lr_ratio
-        return {} if ratio is None else {"lora_B": ratio}
+        if ratio is None:
+            return {}
+        return {
+            f"{layer_name}.{ADAPTERS}.{DEFAULT_ADAPTER}.lora_B": ratio
+            for layer_name, layer in named_lora_layers(model).items()
+            if DEFAULT_ADAPTER in layer.adapters
+        }
 
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "settings": self.settings.settings()}
@@ -76,7 +85,7 @@ class _Baseline:
         if not train_head:
             raise LoRAConfigError(f"lora.train_head=false leaves nothing to train for the {self.name} baseline")
 
-    def lr_ratios(self) -> dict[str, float]:
+    def lr_ratios(self, model: nn.Module) -> dict[str, float]:
         return {}
 
     def config(self) -> dict[str, Any]:

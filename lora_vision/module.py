@@ -59,8 +59,8 @@ class Classifier(L.LightningModule):
         trainable_only_checkpoints: checkpoints hold the trainable parameters and the buffers only; frozen
             weights are rebuilt from the same config. Keeps a rank sweep over ViT-B/16 at megabytes, not
             hundreds of megabytes, per checkpoint.
-        lr_ratios: learning-rate multipliers by parameter name (the last component, e.g. ``{"lora_B": 16}`` for
-            LoRA+); the schedule scales every group alike.
+        lr_ratios: learning-rate multipliers by parameter name (the method's `lr_ratios(model)`, e.g. LoRA+'s for
+            every B factor); the schedule scales every group alike.
         param_summary: the method's parameter budget, logged when fitting starts.
         base_fingerprint: `weights_fingerprint` of the base model; checkpoints carry it, and loading one made on
             other base weights fails (a trainable-only checkpoint would otherwise silently pair its adapters with
@@ -156,7 +156,7 @@ class Classifier(L.LightningModule):
         no_decay = getattr(self.model, "no_weight_decay", set)()
         groups = param_groups_weight_decay(self.model, hp.weight_decay, no_weight_decay_list=no_decay)
         ratios = dict(hp.lr_ratios or {})
-        ratio_of = {id(p): ratios.get(name.rsplit(".", 1)[-1], 1.0) for name, p in self.model.named_parameters()}
+        ratio_of = {id(p): ratios.get(name, 1.0) for name, p in self.model.named_parameters()}
         split = []
         for group in groups:
             for ratio in sorted({ratio_of[id(p)] for p in group["params"]}):

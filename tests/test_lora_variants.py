@@ -279,14 +279,20 @@ def test_loraplus_trains_b_with_a_larger_learning_rate() -> None:
     model = tiny_vit()
     method = LoRA(rank=2, targets=["qv"], loraplus_lr_ratio=16)
     method.apply(model)
-    module = Classifier(model, 10, lr=1e-3, weight_decay=0.05, lr_ratios=method.lr_ratios())
+    module = Classifier(model, 10, lr=1e-3, weight_decay=0.05, lr_ratios=method.lr_ratios(model))
     names = {id(p): n for n, p in model.named_parameters()}
     groups = [(g["lr"], g["weight_decay"], {names[id(p)].rsplit(".", 1)[-1] for p in g["params"]}) for g in
               module.param_groups()]  # fmt: skip
     assert (pytest.approx(16e-3), 0.05, {"lora_B"}) in groups
     assert (pytest.approx(1e-3), 0.05, {"lora_A", "weight"}) in groups
     assert (pytest.approx(1e-3), 0.0, {"bias"}) in groups
-    assert method.variant == "loraplus" and LoRA().lr_ratios() == {}
+    assert method.variant == "loraplus" and LoRA().lr_ratios(model) == {}
+    # Another adapter on the same layers keeps the base learning rate for its B.
+    apply_lora(model, "qv", rank=2, adapter_name="other")
+    module = Classifier(model, 10, lr=1e-3, weight_decay=0.05, lr_ratios=method.lr_ratios(model))
+    names = {id(p): n for n, p in model.named_parameters()}
+    fast = {names[id(p)] for g in module.param_groups() if g["lr"] == pytest.approx(16e-3) for p in g["params"]}
+    assert fast and all(".adapters.default.lora_B" in name for name in fast)
 
 
 def test_bitfit_trains_every_bias_and_the_head() -> None:
