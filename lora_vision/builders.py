@@ -5,6 +5,7 @@ Kept apart from `lora_vision.train`, the entry point, so that no tool imports th
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -17,6 +18,7 @@ from lora_vision.config_checks import ConfigError
 from lora_vision.errors import UserError
 from lora_vision.models import build_model
 from lora_vision.module import Classifier
+from lora_vision.resume import AtomicCheckpointIO
 
 # Keys of the `data` group that describe the model input rather than the datamodule; they reach the
 # datamodule through its `data_config`.
@@ -92,3 +94,21 @@ def check_num_classes(model_classes: int, data_classes: int, model_name: str, da
             f"model.num_classes={model_classes} does not match the {data_classes} classes of the data "
             f"({data_target}); set model.num_classes=null to size the {model_name} head from the data"
         )
+
+
+def base_source(cfg: DictConfig) -> dict[str, Any]:
+    """Where the base weights came from, so the adapter can be put back on the same ones.
+
+    The seed counts only for a randomly initialised base: its weights are drawn right after seeding.
+    """
+    checkpoint = cfg.model.checkpoint
+    return {
+        "pretrained": cfg.model.pretrained,
+        "checkpoint": None if checkpoint is None else str(Path(checkpoint).expanduser().resolve()),
+        "seed": cfg.seed,
+    }
+
+
+def build_trainer(cfg: DictConfig, loggers: list[Any], callbacks: list[Any]) -> L.Trainer:
+    """The run's Trainer (the `trainer` group) with its loggers and callbacks, writing checkpoints atomically."""
+    return instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=[AtomicCheckpointIO()])

@@ -7,6 +7,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lora_vision.errors import UserError
 
@@ -44,7 +45,9 @@ class TrainThroughput(L.Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self.images += len(batch[1]) * trainer.world_size
+        # (images, labels), or a multi-task run's (task, (images, labels)).
+        labels = batch[1][1] if isinstance(batch[1], tuple | list) else batch[1]
+        self.images += len(labels) * trainer.world_size
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # The sanity check runs before the first training epoch, when the stopwatch is not running.
@@ -82,3 +85,12 @@ class FiniteLoss(L.Callback):
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
         if not torch.isfinite(loss.detach()).all():
             raise DivergedError(trainer.global_step, trainer.current_epoch, float(loss.detach()))
+
+
+def ended_by(err: BaseException) -> dict[str, Any]:
+    """The record fields of a run that `err` ended: diverged (at its step), interrupted by SIGTERM, or failed."""
+    if isinstance(err, DivergedError):
+        return {"status": "diverged", "diverged_at_step": err.step, "error": f"{type(err).__name__}: {err}"}
+    if isinstance(err, SIGTERMException):
+        return {"status": "interrupted", "error": "SIGTERM; resume with resume=true in the same run directory"}
+    return {"status": "failed", "error": f"{type(err).__name__}: {err}"}

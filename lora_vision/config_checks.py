@@ -3,14 +3,18 @@
 Unknown keys and group options on the command line are refused before Hydra starts (`lora_vision.cli`), data keys
 of another dataset by `lora_vision.composition`; these checks cover values, keys added with `+` that nothing reads,
 and accelerators the machine lacks. LoRA settings are checked by the method classes themselves
-(`lora_vision.methods`), data options by the datamodules.
+(`lora_vision.methods`), data options by the datamodules. Options that this machine runs far slower than without
+them are not errors: `warn_slow_options` names them, with the measured cost and the fix, and the run goes on.
 """
 
 from __future__ import annotations
 
 import difflib
+import logging
 import math
 from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +22,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from lora_vision.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(UserError, ValueError):
@@ -108,7 +114,8 @@ def check_config(cfg: DictConfig) -> None:
 # Where a key added with `+key=value` is read: Trainer arguments, timm model kwargs, extra callbacks and loggers
 # (each entry with a `_target_`), and Hydra's own settings. Everywhere else every key the framework reads is in the
 # config already, so an added one would be silently ignored (or fail deep inside a constructor).
-OPEN_PREFIXES = ("trainer.", "model.kwargs.", "callbacks.", "logger.", "hydra.")
+# multitask.tasks.: a task is a new key of its own (+multitask.tasks.NAME.data=...).
+OPEN_PREFIXES = ("trainer.", "model.kwargs.", "callbacks.", "logger.", "hydra.", "multitask.tasks.")
 
 
 def check_appended_keys(overrides: Sequence[str], groups: Collection[str], cfg: DictConfig) -> None:
@@ -139,4 +146,73 @@ def check_accelerator(cfg: DictConfig) -> None:
         raise ConfigError(
             f"trainer.accelerator={accelerator} but no CUDA GPU is available on this machine; train on the CPU with "
             "trainer=cpu (or debug=limit for a quick check)"
+        )
+
+
+# Where Linux lists the CPU's model name and instruction-set flags. Not torch.backends.cpu.get_cpu_capability():
+# it names the vector width ATen dispatches to ("AVX2", "AVX512"), the same "AVX512" on CPUs with and without bf16
+# instructions (and lowered by ATEN_CPU_CAPABILITY), so it cannot tell whether bf16 is native.
+CPUINFO = Path("/proc/cpuinfo")
+# Instructions that compute in bf16: AVX-512 BF16 (Cooper Lake, Zen 4 and later) and AMX (Sapphire Rapids and
+# later). Without either, every bf16 op is emulated through fp32 conversions.
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    """A CPU's model name and instruction-set flags, as /proc/cpuinfo lists them."""
+
+    model: str
+    flags: frozenset[str]
+
+
+def read_cpuinfo() -> CpuInfo | None:
+    """The first core's model name and flags; None without /proc/cpuinfo (macOS, Windows) or without a `flags`
+    line in it (ARM lists `Features`), where a guess could warn about a CPU that runs bf16 well."""
+    try:
+        text = CPUINFO.read_text()
+    except OSError:
+        return None
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    if "flags" not in fields:
+        return None
+    return CpuInfo(fields.get("model name", "unnamed CPU"), frozenset(fields["flags"].split()))
+
+
+def _runs_on_cpu(cfg: DictConfig) -> bool:
+    accelerator = cfg.trainer.get("accelerator", "auto")
+    gpu_available = torch.cuda.is_available() or torch.backends.mps.is_available()
+    return accelerator == "cpu" or (accelerator == "auto" and not gpu_available)
+
+
+def warn_slow_options(cfg: DictConfig) -> None:
+    """Log a warning, with the measured cost and the fix, for each option that costs a CPU run more time than it
+    saves: bf16 on a CPU without native bf16, and torch.compile. Not an error: the run goes on as asked."""
+    if not _runs_on_cpu(cfg):
+        return
+    precision = str(cfg.trainer.get("precision", "32-true"))
+    cpu = read_cpuinfo() if precision.startswith("bf16") else None
+    if cpu is not None and not cpu.flags & set(NATIVE_BF16_FLAGS):
+        # `python -m lora_vision.bench --options` (rank 8, fp32 baseline): on 2 cores of an AMD EPYC (AVX2, no
+        # AVX-512) bf16 autocast ran at 0.026x and 0.074x the fp32 speed; on a Xeon with AVX-512 BF16 at 1.64x
+        # (ViT-S/16 q,v) and 1.52x (ResNet-50), experiments/benchmarks/results.md.
+        log.warning(
+            f"trainer.precision={precision} will be slow on this CPU ({cpu.model}): it lacks the native bf16 "
+            f"instructions ({' and '.join(NATIVE_BF16_FLAGS)} flags), so every bf16 op is emulated. In this "
+            "project's benchmark bf16 autocast ran 14-38x slower than fp32 on such a CPU (an AMD EPYC with AVX2), "
+            "against 1.5-1.6x faster on a Xeon with AVX-512 BF16. Fix: trainer.precision=32-true"
+        )
+    if cfg.perf.get("compile", False):
+        # Per step, in `python -m lora_vision.bench --options` on 2 Xeon cores (experiments/benchmarks/results.md):
+        # ViT-S/16 q,v 830 -> 809 ms (1.03x, within noise), ResNet-50 3x3 convs 602 -> 507 ms (1.19x). The first
+        # step of the same configurations, with an empty inductor cache on 2 AMD EPYC cores, took 65 s and 127 s
+        # against 4-10 s uncompiled (approximate: the cores were shared with other jobs).
+        log.warning(
+            "perf.compile on the CPU: the first steps pay the compilation (65 s for ViT-S/16 and 127 s for "
+            "ResNet-50 on 2 AMD EPYC cores), and in this project's CPU benchmark compiled steps ran at only 1.03x "
+            "(ViT-S/16 q,v) and 1.19x (ResNet-50) the speed of eager ones (experiments/benchmarks/results.md), so "
+            "compile pays only on long runs. Fix: perf.compile=false"
         )

@@ -46,6 +46,12 @@ def user_errors_as_messages(prog: str) -> Iterator[None]:
         exit_with_message(prog, err)
 
 
+def one_line(err: BaseException) -> str:
+    """`err` as its type and the first line of its text, to quote a library's reason inside a one-line message."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
 def exit_with_message(prog: str, err: UserError) -> NoReturn:
     print(f"{prog}: error: {err}", file=sys.stderr)
     raise SystemExit(USER_ERROR_EXIT_STATUS) from None

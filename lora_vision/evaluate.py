@@ -1,12 +1,21 @@
-"""Evaluation of a trained model: a run directory, an adapter or a merged export, on any configured dataset.
+"""Evaluation of a trained model: a run directory, an adapter or a merged export, on any configured dataset; or
+several adapters of one base model, each on its own data, with one backbone in memory.
 
     python -m lora_vision.evaluate SOURCE [--split test|val] [--checkpoint BASE_WEIGHTS] [--batch-size N]
         [--num-workers N] [--device auto|cpu|cuda] [--limit-batches N] [--out FILE.json] [data=NAME] [data.KEY=VALUE]
+    python -m lora_vision.evaluate NAME=SOURCE NAME=SOURCE ... [--data NAME:data=NAME] [--data NAME:data.KEY=VALUE]
+        [data=NAME] [data.KEY=VALUE] [the options above but --out]
 
 Without ``data=NAME`` the data the source was trained on is used (as recorded in its adapter or export);
 ``data=NAME`` picks an option of the project's ``conf/data/`` group instead, and ``data.KEY=VALUE`` overrides apply
 on top of either. The result (top-1, top-5, loss, image count) is printed and written as JSON to
 ``<source dir>/eval/<data name>_<split>.json`` (or ``--out``); a VTAB-1k task adds its name (``vtab1k-dtd_test.json``).
+
+Named sources (``woof=runs/woof cifar=peft_cifar/``: run directories, adapters or PEFT adapters) are loaded onto one
+base model (`lora_vision.adapters.load_adapters`, on the base the first one records) and each is scored with its
+adapter active, on its own data: the recorded one unless ``--data NAME:data=OPTION`` picks another, with the
+``data=...`` arguments given without a name applying to every adapter and ``--data NAME:...`` after them. Each
+result goes where evaluating that source alone would write it, and a summary line per adapter is printed.
 
 Other CLIs reuse the pieces: `add_eval_arguments` (the shared options), `load_source` (the model),
 `build_eval_datamodule` (the data, ready for the model) and `evaluate_model` (the metrics).
@@ -37,8 +46,11 @@ import lora_vision.data
 from lora_vision.adapters import (
     ADAPTER_DIR,
     adapter_directory,
+    architecture,
+    head_classes,
     is_peft_adapter,
     load_adapted_model,
+    load_adapters_onto_recorded_base,
     peft_meta,
     read_adapter_meta,
 )
@@ -47,6 +59,7 @@ from lora_vision.data import ImageDataModule
 from lora_vision.data.errors import DataOptionError
 from lora_vision.errors import UserError, user_errors_as_messages
 from lora_vision.export import load_merged, merged_directory, read_merged_meta
+from lora_vision.lora import set_active_adapters
 from lora_vision.models import model_data_config
 from lora_vision.module import accuracy_metrics
 from lora_vision.results import PROJECT_ROOT, versions, write_json_atomic
@@ -71,6 +84,9 @@ DATAMODULES = tuple(
 )
 # Hydra's instantiation keys: only the top-level `_target_` of a recorded data config may use one.
 HYDRA_KEY = re.compile(r"^_.+_$")
+# A named source, NAME=SOURCE: NAME is an adapter name (letters, digits, _ and -), never `data`.
+NAMED_SOURCE = re.compile(r"^(?P<name>[A-Za-z_][A-Za-z0-9_-]*)=(?P<path>.+)$")
+ADAPTER_SOURCES = "run directories, adapter directories or files, or PEFT adapter directories"
 
 
 class EvaluationError(UserError, ValueError):
@@ -385,13 +401,13 @@ def select_data(
     return name, OmegaConf.merge(cfg, {k: v for k, v in (options or {}).items() if v is not None})
 
 
-def build_eval_datamodule(args: argparse.Namespace, loaded: Loaded) -> EvalData:
+def build_eval_datamodule(args: argparse.Namespace, loaded: Loaded, overrides: Sequence[str] | None = None) -> EvalData:
     """The data `args` choose (see `add_eval_arguments`), with transforms for `loaded.model`, set up for `args.split`.
 
-    Refuses data whose class count differs from the model's.
+    `overrides` replace `args.overrides`. Refuses data whose class count differs from the model's.
     """
     name, cfg = select_data(
-        args.overrides,
+        args.overrides if overrides is None else overrides,
         loaded.data_cfg,
         loaded.image_size,
         {"batch_size": args.batch_size, "num_workers": args.num_workers},
@@ -415,20 +431,57 @@ def _table(rows: Sequence[tuple[str, str]]) -> str:
     return "\n".join(f"{key.ljust(width)}  {value}" for key, value in rows)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(
-        prog="python -m lora_vision.evaluate", description="Evaluate a run, adapter or merged export on a dataset."
-    )
-    add_eval_arguments(parser)
-    parser.add_argument("--out", help="result JSON (default: <source dir>/eval/<data name>_<split>.json)")
-    args = parser.parse_intermixed_args(argv)
-    with user_errors_as_messages(parser.prog):
-        device = resolve_device(args.device)
-        source = locate_source(args.source)
-        # Every data error (unknown option or key, no recorded data) surfaces before the model is built.
-        select_data(args.overrides, source.data_cfg, source.image_size)
-        loaded = load_source(source, args.checkpoint)
-        data = build_eval_datamodule(args, loaded)
+def named_source(argument: str) -> tuple[str, str] | None:
+    """(name, source) of a NAME=SOURCE argument; None for a data override or a path that exists as written."""
+    match = NAMED_SOURCE.match(argument)
+    if match is None or match["name"] == "data" or Path(argument).expanduser().exists():
+        return None
+    return match["name"], match["path"]
+
+
+def split_sources(arguments: Sequence[str]) -> tuple[dict[str, str], list[str]]:
+    """The named sources ({name: source}) and the data overrides among positional `arguments` that start with a
+    named source; anything else is refused, as is a name given twice."""
+    sources: dict[str, str] = {}
+    overrides = []
+    for argument in arguments:
+        named = named_source(argument)
+        if named is not None:
+            name, path = named
+            if name in sources:
+                raise EvaluationError(
+                    f"adapter name {name!r} is given twice ({name}={sources[name]}, {argument}); give each adapter "
+                    "its own name"
+                )
+            sources[name] = path
+        elif argument.startswith(("data=", "data.")):
+            overrides.append(argument)
+        else:
+            raise EvaluationError(
+                f"argument {argument!r} is neither NAME=SOURCE nor data=NAME or data.KEY=VALUE; to evaluate several "
+                "adapters, name every source"
+            )
+    return sources, overrides
+
+
+def adapter_overrides(entries: Sequence[str], names: Sequence[str]) -> dict[str, list[str]]:
+    """`--data NAME:OVERRIDE` entries as each named adapter's list of data overrides."""
+    overrides: dict[str, list[str]] = {name: [] for name in names}
+    for entry in entries:
+        name, colon, override = entry.partition(":")
+        if not colon or not override:
+            raise EvaluationError(
+                f"--data {entry!r}: expected NAME:data=OPTION or NAME:data.KEY=VALUE, NAME one of the adapters "
+                f"{', '.join(names)}"
+            )
+        if name not in overrides:
+            raise EvaluationError(f"--data {entry}: no adapter is named {name!r}; adapters: {', '.join(names)}")
+        overrides[name].append(override)
+    return overrides
+
+
+def _score(args: argparse.Namespace, loaded: Loaded, data: EvalData, device: torch.device) -> dict[str, Any]:
+    """The record of `loaded` evaluated on `data`: scores, what was evaluated, the data config and versions."""
     scores = evaluate_model(
         loaded.model,
         data.dataloader(),
@@ -437,9 +490,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.limit_batches,
         batch_transform=data.datamodule.batch_transform,
     )
-    record = {
-        "source": str(source.path.resolve()),
-        "kind": source.kind,
+    return {
+        "source": str(loaded.source.path.resolve()),
+        "kind": loaded.kind,
         "model": loaded.model_name,
         "data": data.name,
         "split": data.split,
@@ -449,12 +502,117 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "data_config": OmegaConf.to_container(data.cfg),
         "versions": versions(),
     }
-    out = Path(args.out) if args.out else source.home / "eval" / f"{data.name}_{data.split}.json"
+
+
+def _default_out(source: Source, data: EvalData) -> Path:
+    return source.home / "eval" / f"{data.name}_{data.split}.json"
+
+
+def evaluate_one(args: argparse.Namespace) -> dict[str, Any]:
+    """`args.source` evaluated on the data `args.overrides` choose; the record, also written and printed."""
+    device = resolve_device(args.device)
+    source = locate_source(args.source)
+    # Every data error (unknown option or key, no recorded data) surfaces before the model is built.
+    select_data(args.overrides, source.data_cfg, source.image_size)
+    loaded = load_source(source, args.checkpoint)
+    data = build_eval_datamodule(args, loaded)
+    record = _score(args, loaded, data, device)
+    out = Path(args.out) if args.out else _default_out(source, data)
     write_json_atomic(out, record)
-    rows = [("source", str(source.path)), ("data", data.name), ("split", data.split), ("images", str(scores["images"]))]
-    rows += [("top-1", f"{scores['acc1']:.2%}"), ("top-5", f"{scores['acc5']:.2%}"), ("loss", f"{scores['loss']:.4f}")]
+    rows = [("source", str(source.path)), ("data", data.name), ("split", data.split), ("images", str(record["images"]))]
+    rows += [("top-1", f"{record['acc1']:.2%}"), ("top-5", f"{record['acc5']:.2%}"), ("loss", f"{record['loss']:.4f}")]
     print(f"{_table(rows)}\nwritten to {out}")
     return record
+
+
+def _locate_adapter(name: str, path: str, overrides: Sequence[str]) -> Source:
+    """The named adapter source, its data overrides checked; errors name the adapter."""
+    try:
+        source = locate_source(path)
+        if source.kind == "merged":
+            raise EvaluationError(
+                f"{source.path} is a merged export, a whole model of its own; named sources are {ADAPTER_SOURCES}"
+            )
+        select_data(overrides, source.data_cfg, source.image_size)
+    except UserError as err:
+        raise EvaluationError(f"adapter {name!r} ({path}): {err}") from None
+    return source
+
+
+def _columns(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
+    )
+
+
+def evaluate_several(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Each named source of `args` with its adapter active on one shared base model, on its own data; the records
+    by name, each also written where evaluating its source alone would write it, with a summary line each."""
+    sources, shared = split_sources([args.source, *args.overrides])
+    if args.out:
+        raise EvaluationError(
+            "--out names one result file; with several adapters each result goes to <source dir>/eval/"
+            "<data name>_<split>.json"
+        )
+    device = resolve_device(args.device)
+    overrides = {name: [*shared, *own] for name, own in adapter_overrides(args.data, list(sources)).items()}
+    # Every source and data error surfaces before the model is built.
+    found = {name: _locate_adapter(name, path, overrides[name]) for name, path in sources.items()}
+    model = load_adapters_onto_recorded_base({name: found[name].directory for name in found}, args.checkpoint)
+    records: dict[str, dict[str, Any]] = {}
+    rows = [("adapter", "data", "split", "images", "top-1", "top-5", "loss", "written to")]
+    for name, source in found.items():
+        set_active_adapters(model, name)
+        loaded = Loaded(
+            model=model,
+            kind=source.kind,
+            model_name=architecture(model),
+            num_classes=head_classes(model),
+            data_cfg=source.data_cfg,
+            image_size=source.image_size,
+            meta=source.meta,
+            source=source,
+        )
+        try:
+            data = build_eval_datamodule(args, loaded, overrides[name])
+        except UserError as err:
+            raise EvaluationError(f"adapter {name!r} ({source.path}): {err}") from None
+        record = records[name] = {"adapter": name, **_score(args, loaded, data, device)}
+        out = _default_out(source, data)
+        write_json_atomic(out, record)
+        scores = (f"{record['acc1']:.2%}", f"{record['acc5']:.2%}", f"{record['loss']:.4f}")
+        rows.append((name, data.name, data.split, str(record["images"]), *scores, str(out)))
+    print(_columns(rows))
+    return records
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Evaluate one source (its record) or several named adapters (their records by name)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m lora_vision.evaluate",
+        description="Evaluate a run, adapter or merged export on a dataset; or several named adapters of one base "
+        "model (NAME=SOURCE ...), each on its own data, with one backbone in memory.",
+    )
+    add_eval_arguments(parser)
+    parser.add_argument("--out", help="result JSON (default: <source dir>/eval/<data name>_<split>.json)")
+    parser.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="NAME:data=OPTION | NAME:data.KEY=VALUE",
+        help="data of the named adapter NAME only (repeatable), after the data arguments given without a name",
+    )
+    args = parser.parse_intermixed_args(argv)
+    with user_errors_as_messages(parser.prog):
+        if named_source(args.source) is not None:
+            return evaluate_several(args)
+        if args.data:
+            raise EvaluationError(
+                f"--data {args.data[0]} names an adapter, but {args.source} is one unnamed source; name the sources "
+                "(NAME=SOURCE ...) to evaluate several, or give its data as data=NAME / data.KEY=VALUE"
+            )
+        return evaluate_one(args)
 
 
 if __name__ == "__main__":

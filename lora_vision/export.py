@@ -27,6 +27,7 @@ import timm
 from torch import nn
 
 from lora_vision.adapters import load_adapted_model, read_meta, save_peft_adapter
+from lora_vision.adapters.native import damaged_tensors_refused
 from lora_vision.adapters.tensors import contiguous_cpu
 from lora_vision.errors import MissingInputError, user_errors_as_messages
 from lora_vision.lora import merge_and_unload
@@ -139,10 +140,10 @@ def load_merged(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """
     directory = merged_directory(path)
     meta = read_merged_meta(directory)
-    kwargs = create_kwargs(
-        meta["model_name"], meta["num_classes"], meta["model_kwargs"], directory / MODEL_TENSORS, meta["label_offset"]
-    )
-    return timm.create_model(**kwargs).eval(), meta
+    file = directory / MODEL_TENSORS
+    kwargs = create_kwargs(meta["model_name"], meta["num_classes"], meta["model_kwargs"], file, meta["label_offset"])
+    with damaged_tensors_refused(file):
+        return timm.create_model(**kwargs).eval(), meta
 
 
 def export_adapter(source: str | Path, out: str | Path, checkpoint: str | Path | None = None) -> Path:

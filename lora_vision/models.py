@@ -6,17 +6,19 @@ import difflib
 import logging
 import socket
 import urllib.parse
+import zipfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import huggingface_hub
+import safetensors
 import timm
 import torch
 from torch import nn
 
-from lora_vision.errors import UserError
+from lora_vision.errors import UserError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +26,9 @@ log = logging.getLogger(__name__)
 # after about a minute of retry warnings (57 s measured here for vit_tiny_patch16_224); one DNS lookup and TCP
 # connect with this timeout tell the same in seconds.
 HUB_PROBE_TIMEOUT_S = 3.0
+
+# The first bytes of a zip archive, which `torch.save` has written since torch 1.6.
+ZIP_MAGIC = b"PK\x03\x04"
 
 
 class ModelConfigError(UserError, ValueError):
@@ -44,12 +49,45 @@ def _check_name(name: str) -> None:
     raise ModelConfigError(f"model.name={name!r} is not a timm model; {hint}")
 
 
+def weights_file_damage(path: Path) -> str | None:
+    """Why the weights or checkpoint file `path` is truncated or damaged, from its index alone; None if it is whole.
+
+    A safetensors file starts with a header that gives every tensor's byte range, and `torch.save` writes a zip
+    archive whose directory sits at its end, so a file cut short (a copy or download that stopped, a full disk)
+    fails its index check without a tensor being read. timm and Lightning load the file once afterwards. A file in
+    torch's format before 1.6 (a bare pickle stream) has no index to check; loading it tells.
+    """
+    if path.suffix == ".safetensors":  # the suffix is what picks timm's reader too
+        try:
+            with safetensors.safe_open(path, "pt"):
+                return None
+        except safetensors.SafetensorError as err:
+            return one_line(err)
+    with path.open("rb") as file:
+        magic = file.read(len(ZIP_MAGIC))
+    if not magic:
+        return "the file is empty"
+    if magic != ZIP_MAGIC:
+        return None
+    try:
+        zipfile.ZipFile(path).close()
+    except zipfile.BadZipFile:
+        return "the zip directory that torch.save writes at its end is missing or unreadable"
+    return None
+
+
 def _checkpoint_overlay(checkpoint: str | Path) -> dict[str, str]:
     path = Path(checkpoint).expanduser()
     if not path.is_file():
         raise ModelConfigError(
             f"model.checkpoint={str(checkpoint)!r} does not exist or is not a file; "
             "give a .safetensors or torch (.pth/.bin) state dict of the same architecture"
+        )
+    damage = weights_file_damage(path)
+    if damage is not None:
+        raise ModelConfigError(
+            f"model.checkpoint={str(checkpoint)!r} is truncated or damaged ({damage}); download or copy the weights "
+            "file again"
         )
     return {"file": str(path.resolve())}
 

@@ -26,11 +26,13 @@ from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from lora_vision.config_checks import ConfigError
-from lora_vision.data.resumable import ResumableDataLoader
+from lora_vision.data.resumable import TracksPosition
+from lora_vision.models import weights_file_damage
 from lora_vision.results import NEW_FILE_MODE
 
 log = logging.getLogger(__name__)
@@ -100,6 +102,9 @@ class ResumeCheckpoint(Checkpoint):
         self.path = Path(dirpath) / LAST_CHECKPOINT
         self.every_n_train_steps = every_n_train_steps
         self._saved_at: int | None = None
+        # False: save at epoch ends only (a multi-task run, whose mid-epoch position Lightning does not restore
+        # exactly under manual optimization; it repeats the interrupted epoch instead).
+        self.mid_epoch = True
         self._rng_to_restore: dict[str, Any] | None = None
 
     def save(self, trainer: L.Trainer) -> None:
@@ -114,11 +119,12 @@ class ResumeCheckpoint(Checkpoint):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         loader = trainer.train_dataloader
-        if isinstance(loader, ResumableDataLoader):
+        if isinstance(loader, TracksPosition):
             loader.consumed = trainer.fit_loop.epoch_loop.batch_progress.current.processed
             loader.pass_done = loader.consumed >= trainer.num_training_batches
         n = self.every_n_train_steps
-        if n and trainer.global_step % n == 0 and not trainer.fit_loop.epoch_loop._num_ready_batches_reached():
+        at_epoch_end = trainer.fit_loop.epoch_loop._num_ready_batches_reached()
+        if n and self.mid_epoch and trainer.global_step % n == 0 and not at_epoch_end:
             self.save(trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -140,7 +146,7 @@ class ResumeCheckpoint(Checkpoint):
             iter(fit_loop._data_fetcher)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, SIGTERMException) and trainer.training:
+        if isinstance(exception, SIGTERMException) and trainer.training and self.mid_epoch:
             self.save(trainer)
             log.warning("SIGTERM: saved %s at step %d; resume with resume=true", self.path, trainer.global_step)
 
@@ -158,16 +164,34 @@ def resume_path(value: Any, last: Path) -> Path | None:
     if value is True:
         if last.is_file():
             log.info("resuming from %s", last)
-            return last
+            return check_resumable(last)
         log.info("resume=true: no %s yet, starting fresh", last)
         return None
     if isinstance(value, str) and Path(value).expanduser().is_file():
         path = Path(value).expanduser()
         log.info("resuming from %s", path)
-        return path
+        return check_resumable(path)
     raise ConfigError(
         f"resume={value!r} is invalid: expected true (resume from {last} when it exists), false, "
         "or the path of an existing checkpoint file"
+    )
+
+
+def check_resumable(checkpoint: Path) -> Path:
+    """`checkpoint`, refused with what to do instead when the file is truncated or damaged.
+
+    Lightning would load it only inside `trainer.fit`, after the data and model are set up, and fail there with a
+    traceback; the file's index (`lora_vision.models.weights_file_damage`) tells before, without a second load.
+    """
+    damage = weights_file_damage(checkpoint)
+    if damage is None:
+        return checkpoint
+    others = sorted(p.name for p in checkpoint.parent.glob("*.ckpt") if p != checkpoint)
+    found = f" ({checkpoint.parent} also holds {', '.join(others)})" if others else ""
+    raise ConfigError(
+        f"cannot resume from {checkpoint}: the checkpoint is truncated or damaged ({damage}); start fresh with "
+        "resume=false (the earlier attempt is kept in previous-<n>/), or resume from another checkpoint with "
+        f"resume=PATH{found}"
     )
 
 
@@ -231,3 +255,11 @@ def requested_checkpoint(cfg: DictConfig, callbacks: list[Any]) -> Path | None:
     else:
         last = callback.path
     return resume_path(value, last)
+
+
+def resume_point(cfg: DictConfig, callbacks: list[Any], loggers: list[Any]) -> Path | None:
+    """`requested_checkpoint`; when resuming, the interrupted attempt's metrics file is kept (rank zero)."""
+    resume_from = requested_checkpoint(cfg, callbacks)
+    if resume_from is not None and rank_zero_only.rank == 0:
+        keep_interrupted_metrics(loggers)
+    return resume_from

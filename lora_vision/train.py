@@ -20,7 +20,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import get_class, instantiate
+from hydra.utils import get_class
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
@@ -30,20 +30,30 @@ from omegaconf import DictConfig, OmegaConf
 
 from lora_vision.adapters import ADAPTER_DIR, ADAPTER_TENSORS, save_adapter, weights_fingerprint
 from lora_vision.builders import (
+    base_source,
     build_backbone,
     build_datamodule,
     build_method,
     build_module,
+    build_trainer,
     check_num_classes,
     instantiate_all,
 )
-from lora_vision.callbacks import DivergedError, FiniteLoss, TrainThroughput
+from lora_vision.callbacks import FiniteLoss, TrainThroughput, ended_by
 from lora_vision.cli import checked_command_line
 from lora_vision.composition import check_data_keys
-from lora_vision.config_checks import ConfigError, check_accelerator, check_appended_keys, check_config
+from lora_vision.config_checks import (
+    ConfigError,
+    check_accelerator,
+    check_appended_keys,
+    check_config,
+    warn_slow_options,
+)
 from lora_vision.errors import MissingInputError, UserError, exit_with_message, full_traceback_requested
 from lora_vision.models import model_data_config, model_label, route_hub_logs_to_root
 from lora_vision.module import Classifier
+from lora_vision.multitask.config import is_multitask
+from lora_vision.multitask.run import run_multitask
 from lora_vision.objective import Objective, ValidationHistory
 from lora_vision.performance import apply_performance_options
 from lora_vision.prefix_cache import PREFIX_CACHE_KEYS, SuffixClassifier, serve_run_prefix_cache
@@ -60,11 +70,9 @@ from lora_vision.rerun import (
 )
 from lora_vision.results import PROJECT_ROOT, RESULTS_FILE, finite_or_none, git_state, versions, write_json_atomic
 from lora_vision.resume import (
-    AtomicCheckpointIO,
     ResumeCheckpoint,
     best_checkpoint_on_disk,
-    keep_interrupted_metrics,
-    requested_checkpoint,
+    resume_point,
 )
 from lora_vision.search.pruning import TrialPruning, trial_pruning
 
@@ -224,19 +232,6 @@ def peak_gpu_memory_mib(trainer: L.Trainer) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**20
 
 
-def base_source(cfg: DictConfig) -> dict[str, Any]:
-    """Where the base weights came from, so the adapter can be put back on the same ones.
-
-    The seed counts only for a randomly initialised base: its weights are drawn right after seeding.
-    """
-    checkpoint = cfg.model.checkpoint
-    return {
-        "pretrained": cfg.model.pretrained,
-        "checkpoint": None if checkpoint is None else str(Path(checkpoint).expanduser().resolve()),
-        "seed": cfg.seed,
-    }
-
-
 def save_run_adapter(
     cfg: DictConfig,
     method: Any,
@@ -285,6 +280,7 @@ def check_run(cfg: DictConfig) -> Objective:
         hydra_cfg = HydraConfig.get()
         check_appended_keys(hydra_cfg.overrides.task, hydra_cfg.runtime.choices, cfg)
     check_accelerator(cfg)
+    warn_slow_options(cfg)
     check_rerun_choice(cfg.rerun)
     objective = Objective.from_config(OmegaConf.to_container(cfg.objective, resolve=True))
     check_callbacks_follow(objective, cfg.get("callbacks") or {})
@@ -321,6 +317,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """
     started = time.perf_counter()
     objective = check_run(cfg)
+    if is_multitask(cfg):
+        return run_multitask(cfg, objective)
     run_dir = Path(cfg.paths.output_dir)
     method = build_method(cfg.lora)
     previous = previous_record(run_dir)
@@ -357,19 +355,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     callbacks = [FiniteLoss(), ValidationHistory(), *instantiate_all(cfg.get("callbacks")), TrainThroughput()]
     pruning = trial_pruning(cfg.trial, objective, summary.trainable)
     callbacks = ordered_callbacks([*callbacks, *([pruning] if pruning is not None else [])], objective)
-    resume_from = requested_checkpoint(cfg, callbacks)
+    resume_from = resume_point(cfg, callbacks, loggers)
     if retest and resume_from is None:
         raise MissingInputError(
             f"rerun=test needs the finished run's checkpoints in {run_dir / 'checkpoints'}, which are gone; "
             "resume=false trains it again (the earlier attempt is kept in previous-<n>/)"
         )
     record["resumed_from"] = None if resume_from is None else str(resume_from)
-    if resume_from is not None and rank_zero_only.rank == 0:
-        keep_interrupted_metrics(loggers)
     try:
-        trainer: L.Trainer = instantiate(
-            cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=[AtomicCheckpointIO()]
-        )
+        trainer = build_trainer(cfg, loggers, callbacks)
         check_launch_in_multirun(cfg, trainer)
         if cfg.perf.cache_prefix:
             datamodule, record["prefix_cache"] = serve_run_prefix_cache(cfg, module, datamodule, fingerprint, trainer)
@@ -380,14 +374,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             cfg, method, module, record["best_checkpoint"], record["tested"], fingerprint, num_classes
         )
         record["wall_time_s"] = time.perf_counter() - started
-    except DivergedError as err:
-        record |= {"status": "diverged", "diverged_at_step": err.step, "error": error_text(err)}
-        raise
-    except SIGTERMException:
-        record |= {"status": "interrupted", "error": "SIGTERM; resume with resume=true in the same run directory"}
-        raise
     except BaseException as err:
-        record |= {"status": "failed", "error": error_text(err)}
+        record |= ended_by(err)
         raise
     finally:
         if rank_zero_only.rank == 0 and not (retest and record["status"] in ("failed", "interrupted")):

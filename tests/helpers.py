@@ -13,10 +13,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import lightning as L
 import timm
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch import nn
@@ -190,3 +192,15 @@ def composed_forward(layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:
     """The layer's function built from plain torch ops (`LoraAdapter.forward_with_base` of its one adapter), the
     reference for the fused node."""
     return LoraAdapter.forward_with_base(layer._single(), x)
+
+
+class StopAtStep(L.Callback):
+    """Stops training once `step` optimizer steps are done, where Lightning stops on SIGTERM (SLURM pre-emption):
+    before the next batch."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step == self.step:
+            raise SIGTERMException

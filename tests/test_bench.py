@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import copy
 import json
+from collections import Counter
 
 import pytest
 import torch
 from torch import nn
 
-from lora_vision.bench import rank_gemms
+from lora_vision.bench import multi, rank_gemms
 from lora_vision.bench.__main__ import main
 from lora_vision.bench.configs import BenchConfig, Settings, select_configs, select_options
 from lora_vision.bench.floor import attach_floor
+from lora_vision.bench.memory import in_child
 from lora_vision.bench.sides import (
     COMPOSED,
     FLOOR,
@@ -20,11 +22,12 @@ from lora_vision.bench.sides import (
     PEFT,
     ComposedLoRALinear,
     adapted_names,
+    build_base,
     prepare_side,
     trainable_parameters,
 )
 from lora_vision.bench.timing import Stats, rotated, time_alternating
-from lora_vision.lora import LoRALayer
+from lora_vision.lora import LoRALayer, lora_layers
 from tests.helpers import randomize_adapters, tiny_resnet, tiny_vit
 
 SETTINGS = Settings(quick=True, rank=4, alpha=8.0)
@@ -228,3 +231,67 @@ def test_rank_gemm_table_times_every_product_of_the_lora_step(capsys) -> None:
     assert len(rows) == 6 and all(row["ms"] > 0 and row["gflops"] > 0 for row in rows)
     assert rank_gemms.main(["--tokens", "32", "--in-features", "8", "--out-features", "24", "--repeats", "1"]) == 0
     assert "| dB = (h^T g)^T |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("config_name", ["vit_s16/qv", "resnet50/conv3x3"])
+def test_every_way_of_serving_a_mixed_batch_gives_each_sample_its_own_adapter_s_logits(config_name: str) -> None:
+    """The multi-adapter benchmark compares equal work: routed, merged and switching give the same logits, and each
+    sample's are those of a model holding only its adapter."""
+    settings, (config,) = Settings(quick=True), select_configs([config_name])
+    images = multi.batch_images(config, settings)
+    logits = {
+        approach: multi.serve_once(multi.build_approach(approach, config, 3, settings)[0], images, settings)
+        for approach in multi.APPROACHES
+    }
+    torch.testing.assert_close(logits[multi.MERGED], logits[multi.ROUTED], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits[multi.SWITCHING], logits[multi.ROUTED], atol=1e-5, rtol=1e-5)
+    routing = multi.mixed_routing(3, len(images), settings.seed)
+    assert Counter(routing) == {"task0": 3, "task1": 3, "task2": 2} and routing != sorted(routing)
+    alone = []
+    with torch.inference_mode():
+        for index in range(3):
+            alone.append(multi.adapted_model(config, settings, [index])(images))
+            rows = [i for i, name in enumerate(routing) if name == f"task{index}"]
+            torch.testing.assert_close(logits[multi.ROUTED][rows], alone[-1][rows], atol=1e-5, rtol=1e-5)
+    # The adapters differ, so serving a sample through another adapter would have failed above.
+    assert not torch.allclose(alone[0], alone[1], atol=1e-3)
+
+
+def test_serving_approaches_hold_n_models_or_one_base_and_n_adapters() -> None:
+    settings, (config,) = Settings(quick=True), select_configs(["vit_s16/qv"])
+    base = multi.parameter_count([build_base(settings.model(config), settings)])
+    one = multi.adapted_model(config, settings, [0])
+    adapter = sum(p.numel() for layer in lora_layers(one) for p in layer.adapters["task0"].parameters())
+    held = {
+        approach: multi.parameter_count(multi.build_approach(approach, config, 4, settings)[1])
+        for approach in multi.APPROACHES
+    }
+    assert held == {multi.ROUTED: base + 4 * adapter, multi.MERGED: 4 * base, multi.SWITCHING: base + 4 * adapter}
+
+
+def test_quick_multi_adapter_cli_writes_every_adapter_count(tmp_path) -> None:
+    argv = ["--quick", "--configs", "vit_s16/qv", "--no-memory", "--out", str(tmp_path)]
+    assert multi.main(argv) == 0
+    table = (tmp_path / "multi_adapter.md").read_text()
+    assert "python -m lora_vision.bench.multi --quick --configs vit_s16/qv" in table and "## vit_s16/qv" in table
+    for count in multi.ADAPTER_COUNTS:
+        for approach in multi.APPROACHES:
+            assert f"| {count} | {approach} |" in table
+    rows = json.loads((tmp_path / "multi_adapter.json").read_text())["rows"]
+    assert [(row["adapters"], row["approach"]) for row in rows] == [
+        (count, approach) for count in multi.ADAPTER_COUNTS for approach in multi.APPROACHES
+    ]
+    assert all(row["images_per_s"] > 0 and row["batch_size"] == multi.QUICK_BATCH for row in rows)
+
+
+@pytest.mark.slow
+def test_merged_models_hold_a_model_per_adapter_in_memory() -> None:
+    settings, (config,) = Settings(quick=True), select_configs(["resnet50/conv3x3"])
+    held = {
+        approach: in_child(multi.serving_memory, approach, config, 2, settings)
+        for approach in (multi.ROUTED, multi.MERGED)
+    }
+    model_mib = multi.parameter_count([build_base(settings.model(config), settings)]) * 4 / 2**20
+    # The second merged ResNet-18 (43 MiB); the routed model's second adapter is 0.3 MiB.
+    assert held[multi.MERGED]["held"] - held[multi.ROUTED]["held"] > 0.7 * model_mib
+    assert all(memory["peak"] >= memory["held"] for memory in held.values())

@@ -1,4 +1,5 @@
-"""Evaluation: metrics on a hand-built case, a trained run evaluated again (and its adapter), and bad input."""
+"""Evaluation: metrics on a hand-built case, a trained run evaluated again (and its adapter), several adapters on
+one backbone, and bad input."""
 
 from __future__ import annotations
 
@@ -18,7 +19,16 @@ from lora_vision.evaluate import evaluate_model, load_source, locate_source, mai
 from lora_vision.export import main as export_main
 from lora_vision.methods import LoRA
 from lora_vision.train import run
-from tests.helpers import VIT_KWARGS, adapted, composed, make_vtab1k_layout, rewrite_record, tiny_vit
+from tests.helpers import (
+    RESNET_KWARGS,
+    VIT_KWARGS,
+    adapted,
+    composed,
+    make_vtab1k_layout,
+    rewrite_record,
+    tiny_resnet,
+    tiny_vit,
+)
 
 
 class Recorder(nn.Identity):
@@ -196,3 +206,93 @@ def test_a_vtab1k_evaluation_is_named_by_its_task(bare_adapter: Path, tmp_path: 
         "vtab1k-eurosat_test.json",
         "vtab1k-svhn_val.json",
     ]
+
+
+@pytest.fixture
+def two_adapters(tmp_path: Path) -> dict[str, Path]:
+    """Two adapters of one tiny ViT, each with its own head: `woof` records synthetic data (40 test images), `cifar`
+    is a PEFT export that records none."""
+    woof, cifar = tmp_path / "woof", tmp_path / "cifar"
+    adapted(tiny_vit, LoRA(rank=4, targets=["qv"]), woof, "vit_small_patch16_224", VIT_KWARGS)
+    with composed("data=synthetic", "data.num_samples=64", "data.num_test_samples=40", "data.batch_size=16") as cfg:
+        rewrite_record(woof / "adapter.json", data=OmegaConf.to_container(cfg.data, resolve=True))
+    adapted(tiny_vit, LoRA(rank=2, targets=["mlp"], dora=True), cifar, "vit_small_patch16_224", VIT_KWARGS)
+    export_main([str(cifar), "--format", "peft", "--out", str(tmp_path / "cifar_peft")])
+    return {"woof": woof, "cifar": tmp_path / "cifar_peft"}
+
+
+# cifar's data: the synthetic option with 24 test images (seed 0); data.noise applies to both adapters.
+CIFAR_DATA = ("--data", "cifar:data=synthetic", "--data", "cifar:data.num_test_samples=24")
+
+
+def test_several_adapters_on_one_backbone_score_as_each_alone(
+    two_adapters: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    woof, cifar = (str(path) for path in two_adapters.values())
+    together = main([f"woof={woof}", f"cifar={cifar}", *CIFAR_DATA, "data.noise=2.0"])
+    summary = capsys.readouterr().out.splitlines()
+    cifar_data = ["data=synthetic", "data.num_test_samples=24", "data.noise=2.0"]
+    alone = {
+        "woof": main([woof, "data.noise=2.0", "--out", str(tmp_path / "woof.json")]),
+        "cifar": main([cifar, *cifar_data, "--out", str(tmp_path / "cifar.json")]),
+    }
+    assert list(together) == ["woof", "cifar"]
+    assert (together["woof"]["images"], together["cifar"]["images"]) == (40, 24)  # each on its own data
+    for name, record in together.items():
+        expected = alone[name]
+        assert record["adapter"] == name and record["data_config"] == expected["data_config"]
+        assert [record[key] for key in ("acc1", "acc5", "images")] == [
+            expected[key] for key in ("acc1", "acc5", "images")
+        ]
+        assert record["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+        written = two_adapters[name] / "eval" / "synthetic_test.json"
+        assert json.loads(written.read_text()) == record  # where evaluating it alone writes by default
+        line = next(line for line in summary if line.startswith(f"{name} "))
+        assert f"{record['acc1']:.2%}" in line and str(written) in line
+    # The adapters differ: scoring cifar's data with woof's adapter active would have failed above.
+    woof_on_cifar_data = main([woof, *cifar_data, "--out", str(tmp_path / "other.json")])
+    assert woof_on_cifar_data["loss"] != pytest.approx(together["cifar"]["loss"], rel=1e-3)
+
+
+@pytest.fixture
+def no_adapters_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Input errors of several adapters must surface before any model is built."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the adapters were loaded before the input was checked")
+
+    monkeypatch.setattr(evaluate, "load_adapters_onto_recorded_base", refuse)
+
+
+@pytest.mark.usefixtures("no_adapters_loading")
+def test_bad_input_for_several_adapters_is_one_message(
+    two_adapters: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    woof, cifar = (f"{name}={path}" for name, path in two_adapters.items())
+    assert "adapter name 'woof' is given twice" in cli_error(capsys, woof, woof.replace("woof=", "woof=x"))
+    error = cli_error(capsys, woof, cifar, "--data", "cifar:data=nosuch")
+    assert f"adapter 'cifar' ({two_adapters['cifar']}): data=nosuch is not a data option; options: cifar10" in error
+    error = cli_error(capsys, woof, cifar, *CIFAR_DATA, "--data", "woof:data.nosuch=1")
+    assert "adapter 'woof' " in error and "data.nosuch is not a key of the recorded data config" in error
+    error = cli_error(capsys, woof, cifar)
+    assert "adapter 'cifar' " in error and "recorded no training data config; choose the data with data=NAME" in error
+    error = cli_error(capsys, woof, cifar, "--data", "dog:data=synthetic")
+    assert "no adapter is named 'dog'; adapters: woof, cifar" in error
+    assert "expected NAME:data=OPTION or NAME:data.KEY=VALUE" in cli_error(capsys, woof, cifar, "--data", "cifar")
+    assert "to evaluate several adapters, name every source" in cli_error(capsys, woof, str(two_adapters["cifar"]))
+    error = cli_error(capsys, str(two_adapters["woof"]), "--data", "woof:data=synthetic")
+    assert "names an adapter, but" in error and "is one unnamed source" in error
+    assert "--out names one result file" in cli_error(capsys, woof, cifar, *CIFAR_DATA, "--out", "x.json")
+    export_main([str(two_adapters["woof"]), "--out", str(tmp_path / "merged")])
+    error = cli_error(capsys, woof, f"merged={tmp_path / 'merged'}")
+    assert "adapter 'merged' " in error and "is a merged export, a whole model of its own" in error
+
+
+def test_adapters_of_another_base_model_are_refused_naming_the_adapter(
+    two_adapters: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    adapted(tiny_resnet, LoRA(rank=2, targets=["conv3x3"]), tmp_path / "resnet", "resnet18", RESNET_KWARGS)
+    argv = [f"woof={two_adapters['woof']}", f"resnet={tmp_path / 'resnet'}", "--data", "resnet:data=synthetic"]
+    error = cli_error(capsys, *argv)
+    assert f"adapter 'resnet' ({tmp_path / 'resnet'}): " in error and "resnet18" in error
+    assert len(error.strip().splitlines()) == 1

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+# Its one multirun of 20 runs takes half a minute: started first, it does not hold the suite's end (conftest.py).
+pytestmark = pytest.mark.slow
+
 RUNS = 20
 
 

@@ -6,8 +6,9 @@ Imports run one way: `errors` and `tensors` import no other module here; `finger
 `tensors`: which state-dict tensors an adapter holds; `fingerprint`: weights and structure fingerprints and the
 check that a base is the recorded one; `record`: the JSON records and the method record in them, read as data;
 `native`: our format (`adapter.safetensors` + `adapter.json`); `peft`: PEFT's format both ways; `load`: one
-`load_adapter` / `load_adapted_model` for either format, `load_adapters` for several on one model. Loading an
-adapter runs no code named by its files.
+`load_adapter` / `load_adapted_model` for either format, `load_adapters` for several on one model (and
+`load_adapters_onto_recorded_base`, on the base the first one records). Loading an adapter runs no code named by
+its files.
 """
 
 from lora_vision.adapters.errors import AdapterFormatError, AdapterMismatchError, BaseWeightsMismatchError
@@ -18,7 +19,7 @@ from lora_vision.adapters.fingerprint import (
     structure_fingerprint,
     weights_fingerprint,
 )
-from lora_vision.adapters.load import load_adapted_model, load_adapter, load_adapters
+from lora_vision.adapters.load import load_adapted_model, load_adapter, load_adapters, load_adapters_onto_recorded_base
 from lora_vision.adapters.native import (
     ADAPTER_DIR,
     ADAPTER_META,
@@ -75,6 +76,7 @@ __all__ = [
     "load_adapted_model",
     "load_adapter",
     "load_adapters",
+    "load_adapters_onto_recorded_base",
     "load_peft_adapted_model",
     "load_peft_adapter",
     "peft_adapter",

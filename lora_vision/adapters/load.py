@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +13,23 @@ import torch
 from torch import Tensor, nn
 
 from lora_vision.adapters.errors import AdapterMismatchError
-from lora_vision.adapters.native import load_native_adapted_model, load_native_adapter
-from lora_vision.adapters.peft import is_peft_adapter, load_peft_adapted_model, load_peft_adapter
+from lora_vision.adapters.native import (
+    load_native_adapted_model,
+    load_native_adapter,
+    load_onto_recorded_base,
+    read_adapter_meta,
+)
+from lora_vision.adapters.peft import is_peft_adapter, load_onto_peft_base, load_peft_adapted_model, load_peft_adapter
 from lora_vision.adapters.tensors import plain_name
 from lora_vision.errors import UserError
-from lora_vision.lora import AdapterHeads, LoRALayer, classifier_name, named_lora_layers, set_active_adapters
+from lora_vision.lora import (
+    AdapterHeads,
+    LoRALayer,
+    classifier_name,
+    named_lora_layers,
+    set_active_adapters,
+    transfer_adapters,
+)
 
 
 def load_adapter(path: str | Path, base_model: nn.Module) -> nn.Module:
@@ -62,8 +75,7 @@ def load_adapters(sources: Mapping[str, str | Path], base_model: nn.Module) -> n
     statistics), or a mix of adapters with their own heads and adapters on the shared head. The first adapter is
     the active one (`set_active_adapters` picks another); a routing sends each sample through its own.
     """
-    if not sources:
-        raise AdapterMismatchError("load_adapters needs at least one adapter: give {name: directory}")
+    _check_some(sources)
     if named_lora_layers(base_model) or any(isinstance(m, AdapterHeads) for m in base_model.modules()):
         raise AdapterMismatchError("the base model already carries adapters; load adapters onto a plain model")
     head = classifier_name(base_model)
@@ -77,7 +89,7 @@ def load_adapters(sources: Mapping[str, str | Path], base_model: nn.Module) -> n
             _check_shared_tensors(scratch, shared, head)
         except UserError as err:
             raise type(err)(f"adapter {name!r} ({path}): {err}") from None
-        _move_adapters(scratch, base_model, name)
+        transfer_adapters(scratch, base_model, name)
         scratch_head = None if head is None else scratch.get_submodule(head)
         if head is not None and not isinstance(scratch_head, LoRALayer):
             own_heads[name] = scratch_head
@@ -93,6 +105,24 @@ def load_adapters(sources: Mapping[str, str | Path], base_model: nn.Module) -> n
     return base_model.eval()
 
 
+def load_adapters_onto_recorded_base(
+    sources: Mapping[str, str | Path], checkpoint: str | Path | None = None, pretrained: bool | None = None
+) -> nn.Module:
+    """`load_adapters(sources, base)` onto the base model the first adapter records, built as `load_adapted_model`
+    builds it (`checkpoint` or `pretrained` override the recorded source); every adapter is checked against it."""
+    _check_some(sources)
+    first = next(iter(sources.values()))
+    load = partial(load_adapters, sources)
+    if is_peft_adapter(first):
+        return load_onto_peft_base(first, load, checkpoint, pretrained)[0]
+    return load_onto_recorded_base(read_adapter_meta(first), load, checkpoint, pretrained)
+
+
+def _check_some(sources: Mapping[str, str | Path]) -> None:
+    if not sources:
+        raise AdapterMismatchError("load_adapters needs at least one adapter: give {name: directory}")
+
+
 def _check_shared_tensors(model: nn.Module, shared: Mapping[str, Tensor], head: str | None) -> None:
     """Refuse an adapter that changed a tensor of the base outside its adapters and the head."""
     layers = named_lora_layers(model)
@@ -105,14 +135,3 @@ def _check_shared_tensors(model: nn.Module, shared: Mapping[str, Tensor], head: 
                 f"it changes the base model's {plain} (BitFit biases or BatchNorm statistics), which the adapters "
                 "loaded onto one model share; load it alone (load_adapter)"
             )
-
-
-def _move_adapters(source: nn.Module, target: nn.Module, name: str) -> None:
-    """Every LoRA layer's adapter of `source` into the same layer of `target`, as adapter `name`."""
-    for layer_name, layer in named_lora_layers(source).items():
-        module = target.get_submodule(layer_name)
-        if not isinstance(module, LoRALayer):
-            module = type(layer)(module)
-            target.set_submodule(layer_name, module)
-        for adapter in layer.adapters.values():
-            module.attach_adapter(name, adapter)

@@ -16,11 +16,13 @@ something else.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import safetensors
 import safetensors.torch
 import torch
 from torch import Tensor, nn
@@ -29,7 +31,7 @@ from lora_vision.adapters.errors import AdapterFormatError, AdapterMismatchError
 from lora_vision.adapters.fingerprint import architecture, check_base, structure_fingerprint
 from lora_vision.adapters.record import method_record, read_meta
 from lora_vision.adapters.tensors import adapter_keys, adapter_state
-from lora_vision.errors import MissingInputError
+from lora_vision.errors import MissingInputError, one_line
 from lora_vision.lora import ParameterSummary, named_lora_layers
 from lora_vision.methods import method_from_config
 from lora_vision.models import build_model, model_label
@@ -167,6 +169,21 @@ def apply_recorded_method(meta: Mapping[str, Any], base: nn.Module) -> Parameter
     return method_from_config(meta["method"]).apply(base)
 
 
+@contextmanager
+def damaged_tensors_refused(file: Path) -> Iterator[None]:
+    """Turn safetensors' error on reading `file` inside the block into an `AdapterFormatError` naming the file.
+
+    safetensors checks the header, which lists every tensor's byte range, against the file's size: a copy or
+    download that stopped early, or a file overwritten with something else, fails there.
+    """
+    try:
+        yield
+    except safetensors.SafetensorError as err:
+        raise AdapterFormatError(
+            f"{file} is truncated or damaged ({one_line(err)}); copy it again from where it was made"
+        ) from None
+
+
 def _check_tensors(expected: Mapping[str, Tensor], provided: Mapping[str, Tensor], path: Path) -> None:
     missing = [k for k in expected if k not in provided]
     unused = [k for k in provided if k not in expected]
@@ -194,7 +211,8 @@ def load_native_adapter(path: str | Path, base_model: nn.Module) -> nn.Module:
     directory = adapter_directory(path)
     meta = read_adapter_meta(directory)
     apply_recorded_method(meta, base_model)
-    tensors = safetensors.torch.load_file(directory / ADAPTER_TENSORS)
+    with damaged_tensors_refused(directory / ADAPTER_TENSORS):
+        tensors = safetensors.torch.load_file(directory / ADAPTER_TENSORS)
     state = base_model.state_dict()
     expected = {k: state[k] for k in adapter_keys(base_model, meta["all_batchnorm_stats"])}
     _check_tensors(expected, tensors, directory / ADAPTER_TENSORS)

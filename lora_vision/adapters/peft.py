@@ -27,6 +27,7 @@ import json
 import math
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -41,6 +42,7 @@ from lora_vision.adapters.errors import AdapterMismatchError
 from lora_vision.adapters.native import (
     FORMAT,
     apply_recorded_method,
+    damaged_tensors_refused,
     load_onto_recorded_base,
     read_adapter_record,
 )
@@ -286,8 +288,11 @@ def peft_meta(directory: Path) -> dict[str, Any]:
 def _read_config(directory: Path) -> dict[str, Any]:
     try:
         config = json.loads((directory / PEFT_CONFIG).read_text())
-    except json.JSONDecodeError as err:
-        raise PeftFormatError(f"{directory / PEFT_CONFIG} is not valid JSON ({err})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise PeftFormatError(
+            f"{directory / PEFT_CONFIG} is not valid JSON ({err}): if this is a truncated or damaged copy, copy it "
+            "again from where it was made"
+        ) from None
     if not isinstance(config, dict):
         raise PeftFormatError(f"{directory / PEFT_CONFIG} holds {type(config).__name__}, not a PEFT config object")
     return config
@@ -296,7 +301,9 @@ def _read_config(directory: Path) -> dict[str, Any]:
 def _read(directory: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     if not (directory / PEFT_TENSORS).is_file():
         raise MissingInputError(f"{directory} has {PEFT_CONFIG} but no {PEFT_TENSORS}")
-    return _read_config(directory), safetensors.torch.load_file(directory / PEFT_TENSORS)
+    config = _read_config(directory)
+    with damaged_tensors_refused(directory / PEFT_TENSORS):
+        return config, safetensors.torch.load_file(directory / PEFT_TENSORS)
 
 
 def _check_config(config: dict[str, Any], directory: Path) -> None:
@@ -469,11 +476,24 @@ def load_peft_adapted_model(
     adapters. Otherwise the base is `timm.create_model(base_model_name_or_path or model_name, **model_kwargs)` with
     the saved head's class count, from pretrained weights or `checkpoint`.
     """
+    load = partial(load_peft_adapter, _directory(path))
+    return load_onto_peft_base(path, load, checkpoint, pretrained, model_name, model_kwargs)
+
+
+def load_onto_peft_base(
+    path: str | Path,
+    load: Callable[[nn.Module], nn.Module],
+    checkpoint: str | Path | None = None,
+    pretrained: bool | None = None,
+    model_name: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """`load(base)` on the base model of the PEFT adapter at `path` (see `load_peft_adapted_model`), and its record."""
     directory = _directory(path)
     meta = peft_record(directory)
     if meta is not None:
-        return load_onto_recorded_base(meta, partial(load_peft_adapter, directory), checkpoint, pretrained), meta
+        return load_onto_recorded_base(meta, load, checkpoint, pretrained), meta
     # Building draws random numbers (the head, new factors before they are overwritten); the caller's stream stays.
     with torch.random.fork_rng(devices=[]):
         model, meta = _peft_base(directory, checkpoint, pretrained, model_name, model_kwargs)
-        return load_peft_adapter(directory, model), meta
+        return load(model), meta

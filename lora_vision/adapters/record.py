@@ -32,7 +32,10 @@ def read_meta(file: Path, kind: str, versions: Collection[int]) -> dict[str, Any
     try:
         meta = json.loads(file.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise AdapterFormatError(f"{file} is not a JSON file ({err}); expected a {kind!r} record") from None
+        raise AdapterFormatError(
+            f"{file} is not a JSON file ({err}); expected a {kind!r} record: if this is a truncated or damaged copy, "
+            "copy it again from where it was made"
+        ) from None
     found = (meta.get("format"), meta.get("format_version")) if isinstance(meta, dict) else (None, None)
     if found[0] != kind or found[1] not in versions:
         raise AdapterFormatError(

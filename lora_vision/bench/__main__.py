@@ -13,16 +13,18 @@ from collections.abc import Sequence
 
 import torch
 
-from lora_vision.bench.configs import CONFIGS, OPTIONS, PRECISIONS, Settings, select_configs, select_options
+from lora_vision.bench.configs import (
+    CONFIGS,
+    OPTIONS,
+    PRECISIONS,
+    Settings,
+    positive_int,
+    select_configs,
+    select_options,
+    settings_from,
+)
 from lora_vision.bench.report import machine, markdown, write_record
 from lora_vision.bench.run import run_benchmark
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -32,9 +34,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="bf16 runs under autocast")
-    parser.add_argument("--batch-size", type=_positive, help="one batch size for every model (default: per model)")
-    parser.add_argument("--steps", type=_positive, help="training steps per timed sample (default 1)")
-    parser.add_argument("--repeats", type=_positive, help="timed rounds, in rotating order (default 5)")
+    parser.add_argument("--batch-size", type=positive_int, help="one batch size for every model (default: per model)")
+    parser.add_argument("--steps", type=positive_int, help="training steps per timed sample (default 1)")
+    parser.add_argument("--repeats", type=positive_int, help="timed rounds, in rotating order (default 5)")
     parser.add_argument("--warmup", type=int, help="untimed rounds first (default 1)")
     parser.add_argument(
         "--configs", nargs="+", metavar="GLOB", help=f"configurations to run (default all): {CONFIGS[0].name}, ..."
@@ -55,29 +57,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def settings_from(args: argparse.Namespace) -> Settings:
-    # Quick runs compile with aot_eager: traced like inductor, without its minute of C++ compilation.
-    defaults = Settings(warmup=1, repeats=2, compile_backend="aot_eager") if args.quick else Settings()
-    given = {key: getattr(args, key) for key in ("steps", "repeats", "warmup") if getattr(args, key) is not None}
-    return dataclasses.replace(
-        defaults,
-        **given,
-        device=args.device,
-        precision=args.precision,
-        batch_size=args.batch_size,
-        quick=args.quick,
-        memory=args.memory,
-        inference=args.inference,
-    )
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.list:
         print("\n".join(config.name for config in CONFIGS))
         return 0
-    settings = settings_from(args)
+    # Quick runs compile with aot_eager: traced like inductor, without its minute of C++ compilation.
+    quick = Settings(warmup=1, repeats=2, compile_backend="aot_eager")
+    settings = settings_from(args, quick, inference=args.inference)
     if torch.device(settings.device).type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import fnmatch
 from collections.abc import Sequence
@@ -38,17 +39,20 @@ def _tiny_vit(label: str, dim: int, heads: int) -> ModelSpec:
     return ModelSpec(label, "vit_small_patch16_224", 2, 32, shape)
 
 
+# timm zero-initialises each residual branch's last BatchNorm, which would hide every adapter inside the branch
+# from a comparison of outputs (the multi-adapter benchmark's check); the cost is the same either way.
+RESNET_KWARGS = (("zero_init_last", False),)
 # Batches are small so that the default run takes minutes on a 2-core CPU; --batch-size scales them up on a GPU.
 MODELS: dict[str, ModelSpec] = {
     "vit_s16": ModelSpec("ViT-S/16 224px", "vit_small_patch16_224", 8, 224),
     "vit_b16": ModelSpec("ViT-B/16 224px", "vit_base_patch16_224", 4, 224),
-    "resnet50": ModelSpec("ResNet-50 224px", "resnet50", 4, 224),
+    "resnet50": ModelSpec("ResNet-50 224px", "resnet50", 4, 224, RESNET_KWARGS),
 }
 # --quick keeps every configuration but swaps in models that run a step in milliseconds (for tests).
 QUICK_MODELS: dict[str, ModelSpec] = {
     "vit_s16": _tiny_vit("tiny ViT (2 blocks, dim 64, 32px)", 64, 2),
     "vit_b16": _tiny_vit("tiny ViT (2 blocks, dim 96, 32px)", 96, 3),
-    "resnet50": ModelSpec("ResNet-18 32px", "resnet18", 2, 32),
+    "resnet50": ModelSpec("ResNet-18 32px", "resnet18", 2, 32, RESNET_KWARGS),
 }
 
 
@@ -164,3 +168,27 @@ class Settings:
         if option == BF16:
             return dataclasses.replace(self, precision=BF16)
         return dataclasses.replace(self, options=(*self.options, option))
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def settings_from(args: argparse.Namespace, quick: Settings, **extra: Any) -> Settings:
+    """The `Settings` of a benchmark command line: `quick`'s with --quick (else the defaults), then its options."""
+    defaults = quick if args.quick else Settings()
+    given = {key: getattr(args, key) for key in ("steps", "repeats", "warmup") if getattr(args, key) is not None}
+    return dataclasses.replace(
+        defaults,
+        **given,
+        device=args.device,
+        precision=args.precision,
+        batch_size=args.batch_size,
+        quick=args.quick,
+        memory=args.memory,
+        **extra,
+    )

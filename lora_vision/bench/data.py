@@ -46,6 +46,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
+from lora_vision.bench.configs import positive_int
 from lora_vision.builders import build_backbone, build_datamodule, build_method, build_module
 from lora_vision.data import CIFARDataModule, ImageDataModule, ImageNetSubsetDataModule
 from lora_vision.data.base import resolve_num_workers
@@ -332,13 +333,6 @@ def _workers(text: str) -> int | str:
     return text if text == "auto" else resolve_num_workers(int(text))
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m lora_vision.bench.data",
@@ -349,13 +343,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--pipelines", nargs="+", choices=PIPELINES, default=list(PIPELINES))
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument("--workers", nargs="+", type=_workers, help="worker counts or auto (default: the config's)")
-    parser.add_argument("--batches", type=_positive, help="timed batches per pipeline (default 10)")
+    parser.add_argument("--batches", type=positive_int, help="timed batches per pipeline (default 10)")
     parser.add_argument(
-        "--model-batch-size", type=_positive, help=f"default: the experiment's (at most {CPU_MODEL_BATCH} on CPU)"
+        "--model-batch-size", type=positive_int, help=f"default: the experiment's (at most {CPU_MODEL_BATCH} on CPU)"
     )
-    parser.add_argument("--model-steps", type=_positive, help="timed training steps (default 3)")
+    parser.add_argument("--model-steps", type=positive_int, help="timed training steps (default 3)")
     parser.add_argument("--data-root", type=Path, help="real data (paths.data_dir) instead of generated images")
-    parser.add_argument("--threads", type=_positive, help="torch threads (default: torch's; 1 on a busy CPU)")
+    parser.add_argument("--threads", type=positive_int, help="torch threads (default: torch's; 1 on a busy CPU)")
     parser.add_argument("--quick", action="store_true", help="32 px inputs, tiny batches, one step (for tests)")
     parser.add_argument("--out", type=Path, help=f"write DIR/{OUT_FILE}")
     return parser.parse_args(argv)

@@ -18,7 +18,9 @@ import gc
 import multiprocessing
 import resource
 import sys
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from typing import Any, TypeVar
 
 import torch
 
@@ -27,6 +29,7 @@ from lora_vision.bench.peft_side import peft_version
 from lora_vision.bench.sides import TrainStep, build_base, make_batch, prepare_side
 
 MIB = 2**20
+T = TypeVar("T")
 # Linux reports ru_maxrss in KiB, macOS in bytes.
 _RSS_UNIT = 1 if sys.platform == "darwin" else 1024
 
@@ -39,7 +42,8 @@ def _context() -> multiprocessing.context.BaseContext:
     return context
 
 
-def _max_rss() -> int:
+def max_rss() -> int:
+    """The resident-set high-water mark of this process, in bytes."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * _RSS_UNIT
 
 
@@ -48,23 +52,32 @@ def measure_in_this_process(config: BenchConfig, side: str, settings: Settings) 
     spec = settings.model(config)
     model = prepare_side(build_base(spec, settings), config, side, settings)
     step = TrainStep(model, *make_batch(spec, settings), settings)
-    gc.collect()
-    cuda = torch.device(settings.device).type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    else:
-        before = _max_rss()
+    cuda, before = memory_baseline(settings, max_rss)
     for _ in range(settings.memory_steps):
         step()
     if cuda:
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - before) / MIB
-    return (_max_rss() - before) / MIB
+    return (max_rss() - before) / MIB
+
+
+def memory_baseline(settings: Settings, resident: Callable[[], int]) -> tuple[bool, int]:
+    """Where memory stands before a measurement, garbage collected: (True, CUDA memory allocated, its peak counter
+    reset) on a GPU, (False, `resident()` bytes) on the CPU."""
+    gc.collect()
+    if torch.device(settings.device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return True, torch.cuda.memory_allocated()
+    return False, resident()
+
+
+def in_child(function: Callable[..., T], *args: Any) -> T:
+    """`function(*args)` in a fresh child process, whose resident-set high-water mark starts at what it imported."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=_context()) as pool:
+        return pool.submit(function, *args).result()
 
 
 def peak_memory_mib(config: BenchConfig, side: str, settings: Settings) -> float:
     """`measure_in_this_process` run in a fresh child process, so no other side's memory is counted."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=_context()) as pool:
-        return pool.submit(measure_in_this_process, config, side, settings).result()
+    return in_child(measure_in_this_process, config, side, settings)

@@ -217,18 +217,26 @@ def _thresholds(rows: list[dict]) -> list[str]:
     ]
 
 
-def markdown(record: dict[str, Any]) -> str:
-    info, settings = record["machine"], record["settings"]
+def header(record: dict[str, Any], title: str, versions: str = "") -> list[str]:
+    """A benchmark report's first lines: the title, date, command, machine, versions and load average."""
+    info = record["machine"]
     device = info.get("gpu", info["cpu"])
-    lines = [
-        "# LoRA benchmark: ours vs its floor vs PEFT",
+    return [
+        f"# {title}",
         "",
         f"- date: {record['date']}; wall time {record['wall_s']:.0f} s",
         f"- command: `{record['command']}`",
         f"- device: {info['device']} ({device}); {info['logical_cores']} logical cores, "
         f"{info['torch_threads']} torch threads; {info['platform']}",
-        f"- versions: python {info['python']}, torch {info['torch']}, timm {info['timm']}, peft {info['peft']}",
+        f"- versions: python {info['python']}, torch {info['torch']}, timm {info['timm']}{versions}",
         f"- load average (1 min) at start / end: {record['load_start']:.2f} / {record['load_end']:.2f}",
+    ]
+
+
+def markdown(record: dict[str, Any]) -> str:
+    settings = record["settings"]
+    lines = [
+        *header(record, "LoRA benchmark: ours vs its floor vs PEFT", f", peft {record['machine']['peft']}"),
         f"- settings: rank {settings['rank']}, alpha {settings['alpha']:g}, dropout {settings['dropout']:g}, "
         f"{settings['precision']}, AdamW; rounds of {settings['steps']} step(s) per side in rotating order: "
         f"{settings['warmup']} warm-up, {settings['repeats']} timed; memory over {settings['memory_steps']} steps",

@@ -10,18 +10,24 @@ from __future__ import annotations
 
 import fcntl
 import json
+import lzma
 import os
 import shutil
 import tarfile
 import tempfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from lora_vision.data.errors import DatasetFormatError, DatasetNotFoundError
+from lora_vision.errors import one_line
 
 MARKER_NAME = ".lora_vision_extracted.json"
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+# What reading a cut-short or corrupted archive raises: tarfile's own error, or the decompressor's. Not
+# tarfile.FilterError (an unsafe member, refused as it is) and not OSError (a full disk while extracting).
+DAMAGED_ARCHIVE_ERRORS = (tarfile.ReadError, EOFError, zlib.error, lzma.LZMAError)
 
 
 def archive_stem(archive: str | os.PathLike[str]) -> str:
@@ -37,8 +43,8 @@ def extract_archive(archive: str | os.PathLike[str], dest: str | os.PathLike[str
     """Extract the tar ``archive`` into the directory ``dest`` unless an up-to-date copy is already there.
 
     Returns ``dest``. Raises :class:`DatasetNotFoundError` if the archive does not exist and
-    :class:`DatasetFormatError` if it is not a tar file, or if ``dest`` exists but was not made by this
-    function (it is never overwritten then).
+    :class:`DatasetFormatError` if it is not a tar file, is truncated or corrupt (nothing is left in ``dest``
+    then), or if ``dest`` exists but was not made by this function (it is never overwritten then).
     """
     archive, dest = Path(archive), Path(dest)
     if not archive.is_file():
@@ -46,8 +52,10 @@ def extract_archive(archive: str | os.PathLike[str], dest: str | os.PathLike[str
             f"archive {archive} does not exist (or is not a file); point data.archive at a tar of the dataset"
         )
     if not tarfile.is_tarfile(archive):
+        # A compressed tar cut short can fail here already, before any member is read.
         raise DatasetFormatError(
-            f"{archive} is not a tar archive; expected a tar file such as {', '.join(TAR_SUFFIXES)}"
+            f"{archive} is not a tar archive, or is truncated or corrupt; expected a whole tar file such as "
+            f"{', '.join(TAR_SUFFIXES)}: copy it again if it is one"
         )
     stamp = _stamp(archive)
     # Lock-free fast path: a marker only ever exists inside a complete tree (it is written before the rename).
@@ -65,14 +73,24 @@ def extract_archive(archive: str | os.PathLike[str], dest: str | os.PathLike[str
         _remove_leftovers(dest)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
         try:
-            with tarfile.open(archive) as tar:
-                tar.extractall(tmp, filter="data")
+            _extract(archive, tmp)
             (tmp / MARKER_NAME).write_text(json.dumps(stamp))
             _swap_into_place(tmp, dest)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return dest
+
+
+def _extract(archive: Path, tmp: Path) -> None:
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp, filter="data")
+    except DAMAGED_ARCHIVE_ERRORS as err:
+        raise DatasetFormatError(
+            f"{archive} is truncated or corrupt: extracting it failed ({one_line(err)}); copy or download it again "
+            "(its size should match the original's), then rerun"
+        ) from None
 
 
 def _stamp(archive: Path) -> dict[str, object]:

@@ -8,7 +8,7 @@ start the interrupted epoch over with a different shuffle. `lora_vision.resume.R
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch.utils.data import DataLoader
@@ -30,6 +30,14 @@ class _SkipFirst:
 
     def __len__(self) -> int:
         return max(len(self.batches) - self.skip, 0)  # type: ignore[arg-type]
+
+
+@runtime_checkable
+class TracksPosition(Protocol):
+    """A training loader told how far into its pass training got (`consumed` batches; `pass_done` at its end)."""
+
+    consumed: int
+    pass_done: bool
 
 
 class ResumableDataLoader(DataLoader):

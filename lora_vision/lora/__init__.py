@@ -13,6 +13,7 @@ from lora_vision.lora.inject import (
     merge_lora,
     named_lora_layers,
     set_active_adapters,
+    transfer_adapters,
     unmerge_lora,
 )
 from lora_vision.lora.layers import (
@@ -58,5 +59,6 @@ __all__ = [
     "set_active_adapters",
     "state_dict_key",
     "summarize",
+    "transfer_adapters",
     "unmerge_lora",
 ]

@@ -116,6 +116,18 @@ def lora_layers(model: nn.Module) -> list[LoRALayer]:
     return list(named_lora_layers(model).values())
 
 
+def transfer_adapters(source: nn.Module, target: nn.Module, name: str) -> None:
+    """Every LoRA layer's adapter of `source` (a copy of `target`'s base, one adapter per layer) into the same layer
+    of `target`, as adapter `name`: from then on it computes against `target`'s frozen weights."""
+    for layer_name, layer in named_lora_layers(source).items():
+        module = target.get_submodule(layer_name)
+        if not isinstance(module, LoRALayer):
+            module = type(layer)(module)
+            target.set_submodule(layer_name, module)
+        for adapter in layer.adapters.values():
+            module.attach_adapter(name, adapter)
+
+
 def set_active_adapters(model: nn.Module, names: str | Sequence[str]) -> None:
     """Apply the adapters `names` to every sample (each layer applies those it holds, summed); the model's other
     adapters are kept but skipped. A routing (`lora_vision.lora.routing.route`) overrides this per sample."""

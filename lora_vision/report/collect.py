@@ -159,6 +159,9 @@ def load_records(files: Iterable[Path]) -> list[dict[str, Any]]:
             record = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise ReportInputError(f"{path} is not valid JSON ({err}); was the run killed while writing it?") from None
+        if isinstance(record.get("tasks"), dict):
+            # A multi-task run's summary: its tasks' own records, in tasks/<name>/ below it, are the rows.
+            continue
         # The model as built (create kwargs, random or pretrained weights) where the record names it.
         records.append({**record, "model": record.get("model_label") or record.get("model"), "_path": str(path)})
     return records
