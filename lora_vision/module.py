@@ -144,11 +144,13 @@ class Classifier(L.LightningModule):
         for logger in self.loggers:
             logger.log_hyperparams(budget)
 
-    def _warmup_steps(self, total_steps: int) -> int:
+    def _warmup_steps(self, total_steps: int, warmup_epochs: float | None = None) -> int:
+        """The warmup of `total_steps` optimizer steps: `warmup_epochs` (default: the module's) of `max_epochs`."""
+        warmup_epochs = self.hparams.warmup_epochs if warmup_epochs is None else warmup_epochs
         max_epochs = self.trainer.max_epochs
-        if not self.hparams.warmup_epochs or not max_epochs or max_epochs < 1:
+        if not warmup_epochs or not max_epochs or max_epochs < 1:
             return 0
-        return min(round(total_steps * self.hparams.warmup_epochs / max_epochs), total_steps - 1)
+        return min(round(total_steps * warmup_epochs / max_epochs), total_steps - 1)
 
     def param_groups(self) -> list[dict[str, Any]]:
         """timm's weight-decay groups, each split further by learning-rate multiplier (`lr_ratios`)."""

@@ -295,3 +295,53 @@ def test_merged_models_hold_a_model_per_adapter_in_memory() -> None:
     # The second merged ResNet-18 (43 MiB); the routed model's second adapter is 0.3 MiB.
     assert held[multi.MERGED]["held"] - held[multi.ROUTED]["held"] > 0.7 * model_mib
     assert all(memory["peak"] >= memory["held"] for memory in held.values())
+
+
+@pytest.mark.parametrize("config_name", ["vit_s16/qv", "resnet50/conv3x3"])
+def test_one_packed_step_gives_each_point_its_separate_gradient(config_name: str) -> None:
+    """Each point of a pack gets its own gradient from the summed loss: every adapter factor's and head's gradient is
+    its separate model's (in float64, to 1e-9). Compared before AdamW's step, whose first update is about
+    lr * sign(gradient): gradients that are zero up to rounding would flip it."""
+    settings, (config,) = Settings(quick=True), select_configs([config_name])
+    points = multi.point_models(config, 3, settings)
+    for point in points:
+        randomize_adapters(point)  # B = 0 would leave every A without a gradient
+        point.double()  # float64: a wrong gradient shows far above rounding, however deep the network
+    packed = multi.packed_model(points, settings, config).double()
+    images, labels = multi.make_batch(settings.model(config), settings)
+    images = images.double()
+    steps = [multi.PackedStep(packed, 3, images, labels, settings)]
+    steps += [multi.TrainStep(point, images, labels, settings) for point in points]
+    for step in steps:
+        step.optimizer.step = step.optimizer.zero_grad = lambda *args, **kwargs: None
+        step()
+    head = multi.classifier_name(packed)
+    mine = dict(packed.named_parameters())
+    for index, point in enumerate(points):
+        for name, param in point.named_parameters():
+            if param.requires_grad:
+                packed_name = name.replace(".adapters.default.", f".adapters.p{index}.")
+                packed_name = packed_name.replace(f"{head}.", f"{head}.heads.p{index}.", 1)
+                assert param.grad is not None and param.grad.abs().sum() > 0
+                torch.testing.assert_close(mine[packed_name].grad, param.grad, atol=1e-9, rtol=1e-9)
+
+
+def test_quick_packed_training_cli_writes_every_point_count(tmp_path) -> None:
+    argv = [
+        "--train",
+        "--quick",
+        "--configs",
+        "vit_s16/qv",
+        "--adapters",
+        "1",
+        "2",
+        "--no-memory",
+        "--out",
+        str(tmp_path),
+    ]
+    assert multi.main(argv) == 0
+    table = (tmp_path / "packed_training.md").read_text()
+    assert "a packed N-point step against N separate steps" in table
+    for count in (1, 2):
+        for approach in multi.TRAIN_APPROACHES:
+            assert f"| {count} | {approach} |" in table

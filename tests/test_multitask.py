@@ -15,11 +15,12 @@ from lora_vision.config_checks import ConfigError
 from lora_vision.evaluate import main as evaluate_main
 from lora_vision.lora import AdapterHeads, apply_lora, set_active_adapters
 from lora_vision.multitask.config import read_spec
+from lora_vision.multitask.launcher import group_jobs
 from lora_vision.multitask.model import single_task_model
 from lora_vision.multitask.sampling import task_draws
 from lora_vision.report.collect import find_results, load_records
 from lora_vision.train import run
-from tests.helpers import composed, randomize_adapters, tiny_resnet, tiny_vit
+from tests.helpers import FAST, composed, multirun, randomize_adapters, records, tiny_resnet, tiny_vit
 
 # Eight short training runs: started early, they do not hold the suite's end (conftest.py).
 pytestmark = pytest.mark.slow
@@ -146,6 +147,85 @@ def test_shared_and_specific_parts_save_as_one_adapter_that_scores_as_trained(tm
         assert scored["loss"] == pytest.approx(summary["tasks"][task]["test_loss"], abs=1e-5)
 
 
+# A rank-learning-rate sweep of two points over one data stream.
+POINTS = {"r1": ("lora.rank=1", "optim.lr=1e-2"), "r4": ("lora.rank=4", "optim.lr=3e-3")}
+
+
+def pack_overrides(points: dict[str, tuple[str, str]]) -> list[str]:
+    overrides = [*RUN, "multitask.sampling=packed", LAST]
+    for name, (rank, lr) in points.items():
+        overrides += [
+            f"+multitask.tasks.{name}.data={TASKS['a']}",
+            f"+multitask.tasks.{name}.lora.rank={rank.split('=')[1]}",
+            f"+multitask.tasks.{name}.lr={lr.split('=')[1]}",
+        ]
+    return overrides
+
+
+@pytest.fixture(scope="module")
+def pack(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("pack")
+    train(out, *pack_overrides(POINTS))
+    return out
+
+
+def test_a_packed_sweep_trains_each_point_exactly_as_its_own_run(pack: Path, tmp_path: Path) -> None:
+    for name, point in POINTS.items():
+        alone = train(tmp_path / name, *single_overrides("a"), *point, LAST)
+        packed = json.loads((pack / "tasks" / name / "results.json").read_text())
+        assert packed["rank"] == alone["rank"] and packed["lr"] == alone["lr"]
+        assert packed["test_acc1"] == alone["test_acc1"] and packed["best_val_acc1"] == alone["best_val_acc1"]
+        assert packed["test_loss"] == pytest.approx(alone["test_loss"], rel=1e-6)
+        trained = load_file(pack / "tasks" / name / "adapter" / "adapter.safetensors")
+        for key, tensor in load_file(tmp_path / name / "adapter" / "adapter.safetensors").items():
+            torch.testing.assert_close(trained[key], tensor, atol=1e-6, rtol=0)
+
+
+def test_a_diverging_point_stops_alone_and_the_others_train_on(pack: Path, tmp_path: Path) -> None:
+    summary = train(tmp_path, *pack_overrides({**POINTS, "wild": ("lora.rank=4", "optim.lr=1e12")}))
+    assert summary["status"] == "completed" and summary["tasks"]["wild"]["status"] == "diverged"
+    assert summary["tasks"]["wild"]["test_acc1"] is None
+    for name in POINTS:
+        assert summary["tasks"][name]["status"] == "completed"
+        trained = load_file(tmp_path / "tasks" / name / "adapter" / "adapter.safetensors")
+        for key, tensor in load_file(pack / "tasks" / name / "adapter" / "adapter.safetensors").items():
+            torch.testing.assert_close(trained[key], tensor, atol=1e-6, rtol=0)
+
+
+def test_the_packed_launcher_writes_each_point_as_the_sequential_sweep_does(tmp_path: Path) -> None:
+    sweep = ("lora.rank=2,4", "optim.lr=1e-2")
+    packed = multirun(tmp_path / "packed", "hydra/launcher=packed", *sweep)
+    assert packed.returncode == 0, packed.stderr[-3000:]
+    assert "Launching 2 jobs: 2 in 1 pack(s), 0 apart" in packed.stdout + packed.stderr
+    sequential = multirun(tmp_path / "sequential", *sweep)
+    assert sequential.returncode == 0, sequential.stderr[-3000:]
+    # The pack's own summary (.pack-0-1/results.json) is no job's record.
+    mine = {job: record for job, record in records(tmp_path / "packed").items() if not job.startswith(".")}
+    theirs = records(tmp_path / "sequential")
+    assert sorted(mine) == sorted(theirs) == ["0", "1"]
+    for job, record in theirs.items():
+        assert {k: mine[job][k] for k in ("experiment", "rank", "lr", "status")} == {
+            k: record[k] for k in ("experiment", "rank", "lr", "status")
+        }
+        assert mine[job]["test_acc1"] == record["test_acc1"] and mine[job]["best_val_acc1"] == record["best_val_acc1"]
+        trained = load_file(tmp_path / "packed" / job / "adapter" / "adapter.safetensors")
+        for key, tensor in load_file(tmp_path / "sequential" / job / "adapter" / "adapter.safetensors").items():
+            torch.testing.assert_close(trained[key], tensor, atol=1e-6, rtol=0)
+        assert (tmp_path / "packed" / job / ".hydra" / "overrides.yaml").is_file()
+    report = (tmp_path / "packed" / "report.md").read_text()
+    assert report.count("| lora |") == 2
+
+
+def test_jobs_that_cannot_share_a_pass_are_kept_apart_with_the_reason() -> None:
+    configs = []
+    for overrides in (["lora.rank=2"], ["lora.rank=4", "optim.lr=1e-3"], ["lora.rank=2", "seed=1"], ["lora=full"]):
+        with composed(*FAST, *overrides) as cfg:
+            configs.append(cfg)
+    packs, apart = group_jobs(configs)
+    assert packs == [[0, 1]]
+    assert apart == {2: "data.seed, seed differ from the other jobs'", 3: "lora=FullFineTune is not LoRA"}
+
+
 @pytest.mark.parametrize("make", [tiny_vit, tiny_resnet], ids=["vit", "resnet"])
 def test_a_task_s_single_model_computes_what_its_samples_went_through(make) -> None:
     targets = "qv" if make is tiny_vit else "conv3x3"
@@ -180,6 +260,8 @@ def test_a_task_s_single_model_computes_what_its_samples_went_through(make) -> N
         ("lora=full", "lora._target_"),
         ("+multitask.tasks.a.lora.rank=0", "multitask.tasks.a.lora"),
         ("+multitask.tasks.a.epochs=3", "multitask.tasks.a.epochs"),
+        ("+multitask.tasks.a.warmup_epochs=-1", "multitask.tasks.a.warmup_epochs=-1"),
+        ("multitask.sampling=packed", "multitask.tasks.b.data differs from multitask.tasks.a.data in noise"),
     ],
 )
 def test_bad_multitask_settings_are_refused_naming_the_key(override: str, named: str) -> None:

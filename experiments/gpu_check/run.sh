@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check, in one go on a machine with one CUDA GPU, from the repository root. Its steps run under time limits
-# that add up to 8 min 40 s; it has not run on a GPU yet, so no run time is measured.
+# that add up to 9 min 50 s; it has not run on a GPU yet, so no run time is measured.
 #   bash experiments/gpu_check/run.sh DIR_WITH_OFFLINE_ASSETS [OUT]      (OUT defaults to experiments/gpu_check/results)
 #
 # Expects installed: a CUDA build of torch with torchvision, timm, lightning, peft, and lora_vision with its
@@ -37,6 +37,12 @@ for precision in fp32 bf16; do
   step "bench_$precision" 70 $py -m lora_vision.bench --device cuda --precision "$precision" --repeats 3 \
     --configs vit_b16/qkv vit_b16/qv vit_b16/all_linear resnet50/conv3x3 --options --out "$out/bench_$precision"
 done
+# Several adapters on one backbone: a mixed batch of N = 1, 2, 4, 8 adapters routed in one pass against N merged
+# models and against switching; a packed N-point training step against N separate steps (--train).
+step multi_adapter 35 $py -m lora_vision.bench.multi --device cuda --batch-size 64 --repeats 3 \
+  --configs vit_b16/qv resnet50/conv3x3 --out "$out/multi_adapter"
+step packed_training 35 $py -m lora_vision.bench.multi --train --device cuda --repeats 3 \
+  --configs vit_b16/qv resnet50/conv3x3 --out "$out/packed_training"
 # The input pipeline against the model's images/s for the CIFAR-at-224 experiments.
 step data_pipeline 35 $py -m lora_vision.bench.data --device cuda --experiments vit_r8 --out "$out/data_pipeline"
 # The main job's pipeline at full size: ViT-B/16 at 224 (random init) on CIFAR-10, 300 steps, images/s and memory.

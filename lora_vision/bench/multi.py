@@ -1,5 +1,6 @@
-"""Serving several task adapters with one model: mixed batches routed per sample, against one merged model per
-adapter and against switching the active adapter.
+"""Several adapters on one backbone. Serving: mixed batches routed per sample, against one merged model per
+adapter and against switching the active adapter. Training (`--train`): a packed K-point step against K separate
+steps.
 
     python -m lora_vision.bench.multi [--configs vit_s16/qv resnet50/conv3x3] [--adapters 1 2 4 8]
         [--device cpu|cuda] [--precision fp32|bf16] [--batch-size N] [--repeats N] [--warmup N] [--no-memory]
@@ -22,11 +23,23 @@ side by side in rotating order (`lora_vision.bench.timing`), in eval mode under 
 holds (N whole models against one base plus N adapters), and, measured in a fresh process per approach on the CPU
 (in this one on CUDA), what building its models adds (resident set, or CUDA memory allocated) and the peak while
 it serves batches. Writes DIR/multi_adapter.md and DIR/multi_adapter.json with the machine and the command.
+
+With `--train`, N counts the points of a rank sweep (ranks 1, 2, 4, ... 32, then again), each with its own
+trainable head, trained on one batch:
+
+- `packed`: one model holding the N points' adapters and heads (`AdapterHeads`); the batch copied N times, each copy
+  routed to its point, the N losses summed, one backward pass and one AdamW step: what `multitask.sampling=packed`
+  and `hydra/launcher=packed` train;
+- `separate`: N models of one point each, N training steps on the batch.
+
+Each point's parameters get its own gradient either way (`tests/test_bench.py` checks that one packed step equals
+N separate steps). Writes DIR/packed_training.md and .json.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import datetime
 import gc
@@ -39,15 +52,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lora_vision.bench.configs import PRECISIONS, BenchConfig, Settings, positive_int, select_configs, settings_from
 from lora_vision.bench.memory import MIB, in_child, max_rss, memory_baseline
 from lora_vision.bench.report import header, machine
-from lora_vision.bench.sides import autocast, build_base
+from lora_vision.bench.sides import TrainStep, autocast, build_base, make_batch
 from lora_vision.bench.timing import time_alternating
-from lora_vision.lora import apply_lora, lora_layers, merge_and_unload, route, set_active_adapters
+from lora_vision.lora import (
+    AdapterHeads,
+    apply_lora,
+    classifier_name,
+    lora_layers,
+    merge_and_unload,
+    route,
+    set_active_adapters,
+    transfer_adapters,
+)
 from lora_vision.lora.routing import Routing
+from lora_vision.module import frozen_batchnorms
 from lora_vision.results import write_atomic, write_json_atomic
 
 ROUTED, MERGED, SWITCHING = "routed", "merged", "switching"
@@ -57,10 +81,16 @@ DEFAULT_CONFIGS = ("vit_s16/qv", "resnet50/conv3x3")
 # A serving batch with two images per adapter at N = 8; --quick's tiny models take one each.
 SERVING_BATCH, QUICK_BATCH = 16, 8
 OUT_NAME = "multi_adapter"
+TRAIN_OUT_NAME = "packed_training"
+PACKED, SEPARATE = "packed", "separate"
+TRAIN_APPROACHES = (PACKED, SEPARATE)
+# The ranks of a rank sweep's points, in turn.
+SWEEP_RANKS = (1, 2, 4, 8, 16, 32)
 # The adapters' factors: large enough that every adapter changes the logits, small enough to keep them finite.
 FACTOR_STD = 0.02
 
 Serve = Callable[[Tensor], Tensor]
+Step = Callable[[], object]
 
 
 def adapter_names(count: int) -> list[str]:
@@ -173,13 +203,62 @@ def serving_memory(approach: str, config: BenchConfig, count: int, settings: Set
     return {"held": (held - before) / MIB, "peak": (peak - before) / MIB}
 
 
-def _measured_memory(approach: str, config: BenchConfig, count: int, settings: Settings) -> dict[str, float]:
+def _measured_memory(
+    measure: Callable[[str, BenchConfig, int, Settings], dict[str, float]],
+    approach: str,
+    config: BenchConfig,
+    count: int,
+    settings: Settings,
+) -> dict[str, float]:
+    """`measure(...)` in this process on CUDA, in a fresh child process on the CPU (see `serving_memory`)."""
     if torch.device(settings.device).type == "cuda":
-        memory = serving_memory(approach, config, count, settings)
+        memory = measure(approach, config, count, settings)
         gc.collect()
         torch.cuda.empty_cache()
         return memory
-    return in_child(serving_memory, approach, config, count, settings)
+    return in_child(measure, approach, config, count, settings)
+
+
+def _timed_rows(
+    config: BenchConfig,
+    count: int,
+    settings: Settings,
+    built: dict[str, tuple[Step, list[nn.Module]]],
+    batch: int,
+    baseline: str,
+    measure: Callable[[str, BenchConfig, int, Settings], dict[str, float]],
+) -> list[dict[str, Any]]:
+    """One row per approach of `built` ({approach: (call, models held)}), timed side by side: `batch` images per
+    adapter per call, the time against `baseline`'s, the parameters held and `measure`'s memory."""
+    stats = time_alternating(
+        {approach: call for approach, (call, _) in built.items()},
+        settings.warmup,
+        settings.repeats,
+        settings.steps,
+        _sync(settings),
+    )
+    parameters = {approach: parameter_count(models) for approach, (_, models) in built.items()}
+    approaches = list(built)
+    built.clear()
+    gc.collect()
+    images = batch * (count if baseline == PACKED else 1)
+    rows = []
+    for approach in approaches:
+        row: dict[str, Any] = {
+            "config": config.name,
+            "model": settings.model(config).label,
+            "adapters": count,
+            "approach": approach,
+            "batch_size": batch,
+            "ms": stats[approach].as_dict(),
+            "images_per_s": images / stats[approach].median * 1e3,
+            f"over_{baseline}": stats[approach].median / stats[baseline].median,
+            "parameters": parameters[approach],
+        }
+        if settings.memory:
+            row["memory_mib"] = _measured_memory(measure, approach, config, count, settings)
+        rows.append(row)
+    return rows
 
 
 def _sync(settings: Settings) -> Callable[[], object]:
@@ -191,31 +270,135 @@ def _sync(settings: Settings) -> Callable[[], object]:
 def bench_count(config: BenchConfig, count: int, settings: Settings) -> list[dict[str, Any]]:
     """The rows of `count` adapters: every approach timed side by side, then its memory."""
     images = batch_images(config, settings)
-    built = {approach: build_approach(approach, config, count, settings) for approach in APPROACHES}
-    calls = {
-        approach: (lambda serve=serve: serve_once(serve, images, settings)) for approach, (serve, _) in built.items()
-    }
-    stats = time_alternating(calls, settings.warmup, settings.repeats, settings.steps, _sync(settings))
-    parameters = {approach: parameter_count(models) for approach, (_, models) in built.items()}
-    del built, calls
-    gc.collect()
-    rows = []
+    built: dict[str, tuple[Step, list[nn.Module]]] = {}
     for approach in APPROACHES:
-        row: dict[str, Any] = {
-            "config": config.name,
-            "model": settings.model(config).label,
-            "adapters": count,
-            "approach": approach,
-            "batch_size": len(images),
-            "ms": stats[approach].as_dict(),
-            "images_per_s": len(images) / stats[approach].median * 1e3,
-            "over_routed": stats[approach].median / stats[ROUTED].median,
-            "parameters": parameters[approach],
-        }
-        if settings.memory:
-            row["memory_mib"] = _measured_memory(approach, config, count, settings)
-        rows.append(row)
-    return rows
+        serve, models = build_approach(approach, config, count, settings)
+        built[approach] = ((lambda serve=serve: serve_once(serve, images, settings)), models)
+    return _timed_rows(config, count, settings, built, len(images), ROUTED, serving_memory)
+
+
+def point_models(config: BenchConfig, count: int, settings: Settings) -> list[nn.Module]:
+    """`count` models of one sweep point each (rank SWEEP_RANKS[i % 6], alpha 8, a trainable head), in train mode
+    but for frozen BatchNorm layers."""
+    models = []
+    for index in range(count):
+        model = build_base(settings.model(config), settings)
+        rank = SWEEP_RANKS[index % len(SWEEP_RANKS)]
+        apply_lora(model, config.targets, rank=rank, alpha=settings.alpha, blocks=config.blocks, train_head=True)
+        models.append(_frozen_bn_eval(model.train()))
+    return models
+
+
+def _frozen_bn_eval(model: nn.Module) -> nn.Module:
+    # As `Classifier` trains (frozen_bn_eval): a pack must, or a BatchNorm's batch statistics would mix its points.
+    for bn in frozen_batchnorms(model):
+        bn.eval()
+    return model
+
+
+def packed_model(points: Sequence[nn.Module], settings: Settings, config: BenchConfig) -> nn.Module:
+    """One frozen base holding copies of the points' adapters (`p<i>`) and heads (`AdapterHeads`)."""
+    model = build_base(settings.model(config), settings).requires_grad_(False)
+    heads = {}
+    for index, point in enumerate(points):
+        scratch = copy.deepcopy(point)
+        transfer_adapters(scratch, model, f"p{index}")
+        heads[f"p{index}"] = scratch.get_classifier()
+    model.set_submodule(classifier_name(model), AdapterHeads(heads))
+    return _frozen_bn_eval(model.train())
+
+
+class PackedStep:
+    """One packed training step: the batch once per point, each copy through its point, the losses summed."""
+
+    def __init__(self, model: nn.Module, count: int, images: Tensor, labels: Tensor, settings: Settings) -> None:
+        self.model, self.images, self.labels, self.settings = model, images, labels, settings
+        self.routing = [f"p{index}" for index in range(count) for _ in range(len(labels))]
+        self.inputs = images.repeat(count, *[1] * (images.dim() - 1))
+        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr)
+
+    def __call__(self) -> None:
+        with autocast(self.settings), route(self.model, self.routing):
+            logits = self.model(self.inputs)
+        losses = [F.cross_entropy(part, self.labels) for part in logits.split(len(self.labels))]
+        torch.stack(losses).sum().backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def build_training(approach: str, config: BenchConfig, count: int, settings: Settings) -> tuple[Step, list[nn.Module]]:
+    """(one training step of the approach, the models it holds)."""
+    images, labels = make_batch(settings.model(config), settings)
+    points = point_models(config, count, settings)
+    if approach == PACKED:
+        model = packed_model(points, settings, config)
+        return PackedStep(model, count, images, labels, settings), [model]
+    if approach == SEPARATE:
+        steps = [TrainStep(point, images, labels, settings) for point in points]
+        return (lambda: [step() for step in steps]), points
+    raise ValueError(f"unknown approach {approach!r}; approaches: {', '.join(TRAIN_APPROACHES)}")
+
+
+def training_memory(approach: str, config: BenchConfig, count: int, settings: Settings) -> dict[str, float]:
+    """MiB that building the approach adds (`held`) and the most it reaches over `memory_steps` steps (`peak`)."""
+    cuda, before = memory_baseline(settings, _resident_bytes)
+    step, models = build_training(approach, config, count, settings)
+    held = torch.cuda.memory_allocated() if cuda else _resident_bytes()
+    for _ in range(settings.memory_steps):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() if cuda else max_rss()
+    del step, models
+    return {"held": (held - before) / MIB, "peak": (peak - before) / MIB}
+
+
+def bench_training(config: BenchConfig, count: int, settings: Settings) -> list[dict[str, Any]]:
+    """The rows of `count` points: packed and separate steps timed side by side, then their memory."""
+    built = {approach: build_training(approach, config, count, settings) for approach in TRAIN_APPROACHES}
+    batch = settings.batch(settings.model(config))
+    return _timed_rows(config, count, settings, built, batch, PACKED, training_memory)
+
+
+def training_markdown(record: dict[str, Any]) -> str:
+    settings = record["settings"]
+    lines = [
+        *header(record, "Sweep points trained together: a packed N-point step against N separate steps"),
+        f"- settings: alpha {settings['alpha']:g}, {settings['precision']}, AdamW; point i has rank "
+        f"{'/'.join(map(str, SWEEP_RANKS))}[i % 6] and its own trainable head; rounds of {settings['steps']} step(s) "
+        f"per approach in rotating order: {settings['warmup']} warm-up, {settings['repeats']} timed; memory over "
+        f"{settings['memory_steps']} steps",
+        "",
+        "packed: one model holding every point, the batch copied once per point and routed, the losses summed, one",
+        "backward and one AdamW step. separate: a model per point, one step each. ms is the median time of the N",
+        "points' training on the batch, with the interquartile range; time / packed > 1 means packing is faster.",
+        "MiB built / peak: what building the models added to the process and the most it reached while training",
+        "(resident set on a CPU, each approach in a fresh process; CUDA memory allocated on a GPU).",
+    ]
+    return "\n".join([*lines, *_sections(record, _training_table)]) + "\n"
+
+
+def _training_table(rows: Sequence[dict[str, Any]]) -> list[str]:
+    columns = ("points", "approach", "ms, all points", "images/s", "time / packed", "parameters", "MiB held / peak")
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        ms, memory = row["ms"], row.get("memory_mib")
+        lines.append(
+            f"| {row['adapters']} | {row['approach']} | {ms['median']:.1f} ({ms['q1']:.1f}-{ms['q3']:.1f}) | "
+            f"{row['images_per_s']:.1f} | {row['over_packed']:.3f} | {row['parameters'] / 1e6:.2f} M | "
+            + ("-" if memory is None else f"{memory['held']:.0f} / {memory['peak']:.0f}")
+            + " |"
+        )
+    return lines
+
+
+def _sections(record: dict[str, Any], table: Callable[[Sequence[dict[str, Any]]], list[str]]) -> list[str]:
+    """A section per configuration, its rows as `table` lays them out."""
+    lines: list[str] = []
+    for config in dict.fromkeys(row["config"] for row in record["rows"]):
+        rows = [row for row in record["rows"] if row["config"] == config]
+        lines += ["", f"## {config}: {rows[0]['model']}", "", *table(rows)]
+    return lines
 
 
 def run(
@@ -223,12 +406,13 @@ def run(
     counts: Sequence[int],
     settings: Settings,
     log: Callable[[str], object] = print,
+    train: bool = False,
 ) -> list[dict[str, Any]]:
     rows = []
     for config in configs:
         for count in counts:
             started = time.perf_counter()
-            rows += bench_count(config, count, settings)
+            rows += (bench_training if train else bench_count)(config, count, settings)
             log(f"{config.name}, {count} adapter(s): {time.perf_counter() - started:.0f} s")
     return rows
 
@@ -260,6 +444,8 @@ def _table(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def markdown(record: dict[str, Any]) -> str:
+    if record.get("train"):
+        return training_markdown(record)
     settings = record["settings"]
     lines = [
         *header(record, "Serving several adapters with one model: routed mixed batches, merged models, switching"),
@@ -276,10 +462,7 @@ def markdown(record: dict[str, Any]) -> str:
         "(resident set on a CPU, each approach in a fresh process; CUDA memory allocated on a GPU), and the most it",
         "reached while serving batches, above the same starting point.",
     ]
-    for config in dict.fromkeys(row["config"] for row in record["rows"]):
-        rows = [row for row in record["rows"] if row["config"] == config]
-        lines += ["", f"## {config}: {rows[0]['model']}", "", *_table(rows)]
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, *_sections(record, _table)]) + "\n"
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -297,7 +480,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, help="untimed rounds first (default 1)")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the memory measurements")
     parser.add_argument("--quick", action="store_true", help="tiny models, 1 warm-up and 2 timed rounds (for tests)")
-    parser.add_argument("--out", type=Path, help=f"write DIR/{OUT_NAME}.md and DIR/{OUT_NAME}.json")
+    parser.add_argument("--train", action="store_true", help="a packed N-point training step against N separate ones")
+    parser.add_argument("--out", type=Path, help=f"write DIR/{OUT_NAME}.md (or {TRAIN_OUT_NAME}.md) and .json")
     return parser.parse_args(argv)
 
 
@@ -315,7 +499,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if baselines:
         raise SystemExit(f"--configs {baselines} train no adapters; choose LoRA configurations")
     started, load_start = time.perf_counter(), os.getloadavg()[0]
-    rows = run(configs, sorted(set(args.adapters)), settings)
+    rows = run(configs, sorted(set(args.adapters)), settings, train=args.train)
     record = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": shlex.join(["python", "-m", "lora_vision.bench.multi", *argv]),
@@ -325,13 +509,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": machine(settings),
         "settings": dataclasses.asdict(settings),
         "batch_size": batch_size(settings),
+        "train": args.train,
         "rows": rows,
     }
+    name = TRAIN_OUT_NAME if args.train else OUT_NAME
     text = markdown(record)
     if args.out:
-        write_atomic(args.out / f"{OUT_NAME}.md", text)
-        write_json_atomic(args.out / f"{OUT_NAME}.json", record)
-        print(f"wrote {args.out / OUT_NAME}.md and .json")
+        write_atomic(args.out / f"{name}.md", text)
+        write_json_atomic(args.out / f"{name}.json", record)
+        print(f"wrote {args.out / name}.md and .json")
     else:
         print(text)
     return 0

@@ -36,7 +36,7 @@ from lora_vision.multitask.sampling import SAMPLING_RULES
 SHARING = ("independent", "shared", "shared_specific")
 # The adapter every task trains under sharing=shared or shared_specific.
 SHARED = "shared"
-TASK_KEYS = ("data", "lora", "lr")
+TASK_KEYS = ("data", "lora", "lr", "warmup_epochs")
 TASK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 # Settings that must agree between the shared and the task-specific parts, so that their sum is one plain LoRA.
 SAME_IN_EVERY_PART = ("targets", "blocks", "dropout", "rank_pattern", "alpha_pattern")
@@ -44,12 +44,14 @@ SAME_IN_EVERY_PART = ("targets", "blocks", "dropout", "rank_pattern", "alpha_pat
 
 @dataclass(frozen=True)
 class Task:
-    """One task: its data config, the settings of its own adapter (None: it has none) and its learning rate."""
+    """One task: its data config, the settings of its own adapter (None: it has none), its learning rate and warmup
+    (None: optim.warmup_epochs)."""
 
     name: str
     data: DictConfig
     adapter: LoRA | None
     lr: float
+    warmup_epochs: float | None = None
 
 
 @dataclass(frozen=True)
@@ -126,7 +128,29 @@ def read_spec(cfg: DictConfig) -> MultiTaskSpec:
                 "cannot be (nor one with per-layer rank or alpha patterns); use lora=lora, or sharing=independent"
             )
     tasks = {name: _task(name, entry, root, block.sharing, cfg.optim.lr) for name, entry in block.tasks.items()}
+    if block.sampling == "packed":
+        _check_pack(tasks, block.sharing)
     return MultiTaskSpec(tasks, block.sampling, float(block.temperature), block.sharing, shared, cfg.optim.lr)
+
+
+def _check_pack(tasks: Mapping[str, Task], sharing: str) -> None:
+    """A pack trains independent tasks on one data stream: one data config, one adapter per task."""
+    if sharing != "independent":
+        raise ConfigError(
+            f"multitask.sampling=packed trains independent points of a sweep on one data stream; multitask.sharing="
+            f"{sharing} shares an adapter between them: use sharing=independent"
+        )
+    first, *others = tasks.values()
+    for task in others:
+        if task.data != first.data:
+            differs = sorted(
+                key for key in set(task.data) | set(first.data) if task.data.get(key) != first.data.get(key)
+            )
+            raise ConfigError(
+                f"multitask.sampling=packed trains every task on the same batches, but multitask.tasks.{task.name}"
+                f".data differs from multitask.tasks.{first.name}.data in {', '.join(differs)}: give the tasks one "
+                "data config, or sample them with proportional, round_robin or temperature"
+            )
 
 
 def _task(name: str, entry: Any, root: dict[str, Any], sharing: str, lr: float) -> Task:
@@ -142,13 +166,16 @@ def _task(name: str, entry: Any, root: dict[str, Any], sharing: str, lr: float) 
     task_lr = entry.get("lr") or lr
     if not isinstance(task_lr, int | float) or task_lr <= 0:
         raise ConfigError(f"{where}.lr={task_lr} must be a number > 0")
+    warmup = entry.get("warmup_epochs")
+    if warmup is not None and (not isinstance(warmup, int | float) or warmup < 0):
+        raise ConfigError(f"{where}.warmup_epochs={warmup} must be a number >= 0, or null for optim.warmup_epochs")
     if sharing == "shared":
         if own:
             raise ConfigError(
                 f"{where}.lora: with multitask.sharing=shared every task trains the one shared adapter (the run's "
                 "lora settings); give tasks their own adapters with sharing=independent or shared_specific"
             )
-        return Task(name, entry.data, None, float(task_lr))
+        return Task(name, entry.data, None, float(task_lr), warmup)
     adapter = _method({**root, **own}, f"{where}.lora")
     if sharing == "shared_specific":
         differs = [key for key in SAME_IN_EVERY_PART if key in own and own[key] != root.get(key)]
@@ -158,4 +185,4 @@ def _task(name: str, entry: Any, root: dict[str, Any], sharing: str, lr: float) 
                 f"{what}: with sharing=shared_specific a task's part must match the shared part in "
                 f"{', '.join(SAME_IN_EVERY_PART)} and be plain LoRA, so that the two save as one LoRA"
             )
-    return Task(name, entry.data, adapter, float(task_lr))
+    return Task(name, entry.data, adapter, float(task_lr), warmup)

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lora_vision.data.resumable import ResumableDataLoader
-from lora_vision.multitask.sampling import task_draws
+from lora_vision.multitask.sampling import EVERY_TASK, task_draws
 
 
 class _Stream:
@@ -71,7 +71,7 @@ class MultiTaskBatches:
         return {name: len(loader) for name, loader in self.loaders.items()}
 
     def __len__(self) -> int:
-        return sum(self.sizes.values())
+        return len(self.draws(0))
 
     def draws(self, epoch: int) -> list[str]:
         return task_draws(self.rule, self.sizes, seed=self.seed, epoch=epoch, temperature=self.temperature)
@@ -81,6 +81,10 @@ class MultiTaskBatches:
         self._starts = {name: loader.generator.get_state() for name, loader in self.loaders.items()}
         skip, self._skip = self._skip, 0
         self.consumed, self.pass_done = skip, False
+        if self.rule == "packed":
+            # Every task trains on the batches of the first task's loader (the tasks share one data config).
+            stream = _Stream(next(iter(self.loaders.values())), skip)
+            return ((EVERY_TASK, stream.next()) for _ in draws[skip:])
         streams = {name: _Stream(loader, draws[:skip].count(name)) for name, loader in self.loaders.items()}
         return ((name, streams[name].next()) for name in draws[skip:])
 
@@ -114,8 +118,22 @@ class MultiTaskDataModule(L.LightningDataModule):
     def tasks(self) -> list[str]:
         return list(self.datamodules)
 
+    @property
+    def packed(self) -> bool:
+        return self.rule == "packed"
+
     def eval_tasks(self, stage: str) -> list[str]:
-        return self.test_tasks if stage == "test" else self.tasks
+        """The task of each evaluation loader: in a packed run one loader, every task on each batch."""
+        if stage == "test":
+            return self.test_tasks
+        return [EVERY_TASK] if self.packed else self.tasks
+
+    def _datamodule(self, task: str) -> L.LightningDataModule:
+        return next(iter(self.datamodules.values())) if task == EVERY_TASK else self.datamodules[task]
+
+    def prepare_data(self) -> None:
+        for datamodule in self.datamodules.values():
+            datamodule.prepare_data()
 
     def setup(self, stage: str | None = None) -> None:
         for datamodule in self.datamodules.values():
@@ -131,10 +149,10 @@ class MultiTaskDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> list[DataLoader]:
-        return [dm.val_dataloader() for dm in self.datamodules.values()]
+        return [self._datamodule(task).val_dataloader() for task in self.eval_tasks("validate")]
 
     def test_dataloader(self) -> list[DataLoader]:
-        return [self.datamodules[name].test_dataloader() for name in self.test_tasks]
+        return [self._datamodule(task).test_dataloader() for task in self.test_tasks]
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         training = self.trainer is not None and self.trainer.training
@@ -143,4 +161,4 @@ class MultiTaskDataModule(L.LightningDataModule):
         else:
             stage = "test" if self.trainer is not None and self.trainer.testing else "validate"
             task, (images, labels) = self.eval_tasks(stage)[dataloader_idx], batch
-        return task, (self.datamodules[task].batch_transform(images, training=training), labels)
+        return task, (self._datamodule(task).batch_transform(images, training=training), labels)

@@ -9,6 +9,7 @@ that train it; the shared adapter's advances on every step.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -19,13 +20,17 @@ from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
 from torchmetrics import Metric
 
-from lora_vision.lora import set_active_adapters
+from lora_vision.lora import route, set_active_adapters
 from lora_vision.module import STAGES, Classifier, accuracy_metrics
+from lora_vision.multitask.sampling import EVERY_TASK
+
+log = logging.getLogger(__name__)
 
 # The owner of a trainable parameter: the adapter or head name in `...adapters.<name>.` or `...heads.<name>.`.
 OWNER = re.compile(r"(?:^|\.)(?:adapters|heads)\.([^.]+)\.")
-# Checkpoint key of the per-owner schedules.
+# Checkpoint keys of the per-owner schedules and of the tasks of a pack stopped by divergence.
 SCHEDULES = "task_schedules"
+DIVERGED = "diverged_tasks"
 
 
 def owner_of(name: str) -> str:
@@ -109,47 +114,75 @@ class MultiTaskClassifier(Classifier):
         self.schedules: dict[str, _Schedule] = {}
         self._groups_of: dict[str, list[int]] = {}
         self._schedules_to_load: dict[str, Any] | None = None
+        # Tasks of a packed run stopped by a non-finite loss, with the step.
+        self.diverged: dict[str, int] = {}
 
     def owners(self, task: str) -> list[str]:
-        """What a step of `task` trains: its adapters (the shared one too) and its head."""
+        """What a step of `task` trains: its adapters (the shared one too) and its head; of a packed step, those of
+        every task still training."""
+        if task == EVERY_TASK:
+            return [owner for name in self.training_tasks() for owner in self.tasks[name]["owners"]]
         return self.tasks[task]["owners"]
+
+    def training_tasks(self) -> list[str]:
+        return [name for name in self.tasks if name not in self.diverged]
 
     def lr_of(self, owner: str) -> float:
         return self.tasks[owner]["lr"] if owner in self.tasks else self.hparams.lr
 
-    def _step(self, batch: tuple[str, tuple[torch.Tensor, torch.Tensor]], stage: str) -> torch.Tensor:
-        task, (images, labels) = batch
-        set_active_adapters(self.model, self.owners(task))
-        logits = self.model(images)
-        loss = self.criterion(logits, labels)
-        metrics = self.metrics[f"{stage}_{task}"]
-        metrics.update(logits, labels)
-        # Logged from the step, as `Classifier` logs, so that callbacks see each epoch's values at its end.
-        log = {"on_step": False, "on_epoch": True, "add_dataloader_idx": False, "batch_size": len(labels)}
-        self.log_dict(metrics, **log)
-        self.log(f"{stage}/{task}/loss", loss, **log)
-        index = self.task_index[task]
-        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices == labels[:, None]
-        for name, value in (
-            ("acc1", top[:, 0].sum()),
-            ("acc5", top.any(-1).sum()),
-            ("loss", loss.detach() * len(labels)),
-        ):
-            self.task_means[f"{stage}_{name}"].update(index, value, len(labels))
-        if stage == "train":
-            self.log(f"train/{task}/loss_step", loss, on_step=True, on_epoch=False, batch_size=len(labels))
-        return loss
+    def _forward(self, task: str, images: torch.Tensor, batch: int) -> list[tuple[str, torch.Tensor]]:
+        """(task, logits) of each task the batch goes through: one task, or, in a packed step, every task still
+        training, on copies of the batch routed each to its own adapters and head in one pass."""
+        if task != EVERY_TASK:
+            set_active_adapters(self.model, self.owners(task))
+            return [(task, self.model(images))]
+        tasks = self.training_tasks()
+        with route(self.model, [name for name in tasks for _ in range(batch)]):
+            logits = self.model(images.repeat(len(tasks), *[1] * (images.dim() - 1)))
+        return list(zip(tasks, logits.split(batch), strict=True))
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def _step(self, batch: tuple[str, tuple[torch.Tensor, torch.Tensor]], stage: str) -> torch.Tensor | None:
+        """The summed loss of the tasks `batch` trains (their parameters are disjoint, so each gets its own
+        gradient); None when none is left. A task whose loss is not finite in a packed training step stops there,
+        keeping its last finite weights, and the others go on."""
+        task, (images, labels) = batch
+        # Logged from the step, as `Classifier` logs, so that callbacks see each epoch's values at its end.
+        logged = {"on_step": False, "on_epoch": True, "add_dataloader_idx": False, "batch_size": len(labels)}
+        total = None
+        for name, logits in self._forward(task, images, len(labels)):
+            loss = self.criterion(logits, labels)
+            if stage == "train" and task == EVERY_TASK and not torch.isfinite(loss):
+                self.diverged[name] = self.global_step
+                log.warning("task %s: loss %s at step %d; it stops, the others go on", name, loss, self.global_step)
+                continue
+            metrics = self.metrics[f"{stage}_{name}"]
+            metrics.update(logits, labels)
+            self.log_dict(metrics, **logged)
+            self.log(f"{stage}/{name}/loss", loss, **logged)
+            index = self.task_index[name]
+            top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices == labels[:, None]
+            sums = {"acc1": top[:, 0].sum(), "acc5": top.any(-1).sum(), "loss": loss.detach() * len(labels)}
+            for key, value in sums.items():
+                self.task_means[f"{stage}_{key}"].update(index, value, len(labels))
+            if stage == "train":
+                self.log(f"train/{name}/loss_step", loss, on_step=True, on_epoch=False, batch_size=len(labels))
+            total = loss if total is None else total + loss
+        return total
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         optimizer = self.optimizers()
         optimizer.zero_grad(set_to_none=True)
+        owners = self.owners(batch[0])
         loss = self._step(batch, "train")
+        if loss is None:
+            self.trainer.should_stop = True  # every task of the pack has diverged
+            return None
         self.manual_backward(loss)
         clip = self.trainer.gradient_clip_val
         if clip:
             self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
         optimizer.step()
-        self._advance(self.owners(batch[0]), optimizer.optimizer)
+        self._advance([owner for owner in owners if owner in self.owners(batch[0])], optimizer.optimizer)
         return loss
 
     def _log_means(self, stage: str) -> None:
@@ -208,7 +241,8 @@ class MultiTaskClassifier(Classifier):
         for owner, indices in self._groups_of.items():
             total = max(self.steps.get(owner, 1), 1)
             lrs = [optimizer.param_groups[i]["lr"] for i in indices]
-            self.schedules[owner] = _Schedule(lrs, total, self._warmup_steps(total), hp.min_lr)
+            warmup = self._warmup_steps(total, self.tasks.get(owner, {}).get("warmup_epochs"))
+            self.schedules[owner] = _Schedule(lrs, total, warmup, hp.min_lr)
         if self._schedules_to_load is not None:
             for owner, state in self._schedules_to_load.items():
                 self.schedules[owner].load_state_dict(state)
@@ -224,14 +258,17 @@ class MultiTaskClassifier(Classifier):
     def _advance(self, owners: Sequence[str], optimizer: torch.optim.Optimizer) -> None:
         stepped = {owner: self.schedules[owner] for owner in owners if owner in self.schedules}
         for schedule in stepped.values():
+            schedule.optimizer.step()  # a no-op (no gradients) that torch's schedulers expect before theirs
             schedule.scheduler.step()
         self._copy_rates(optimizer, stepped)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint[SCHEDULES] = {owner: schedule.state_dict() for owner, schedule in self.schedules.items()}
+        checkpoint[DIVERGED] = dict(self.diverged)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         # Lightning restores the module before it calls configure_optimizers, which builds the schedules.
         self._schedules_to_load = checkpoint.get(SCHEDULES)
+        self.diverged = dict(checkpoint.get(DIVERGED) or {})

@@ -33,7 +33,7 @@ from lora_vision.multitask.config import SHARED, MultiTaskSpec, read_spec
 from lora_vision.multitask.data import MultiTaskDataModule
 from lora_vision.multitask.model import build_multitask_model, single_task_model
 from lora_vision.multitask.module import MultiTaskClassifier, owner_of
-from lora_vision.multitask.sampling import task_draws
+from lora_vision.multitask.sampling import EVERY_TASK, task_draws
 from lora_vision.objective import Objective, ValidationHistory
 from lora_vision.rerun import check_same_run, describe_finished, finished, previous_record, set_aside
 from lora_vision.results import RESULTS_FILE, finite_or_none, git_state, versions, write_json_atomic
@@ -117,6 +117,8 @@ def owner_steps(spec: MultiTaskSpec, sizes: dict[str, int], seed: int, epochs: i
     counts: Counter[str] = Counter()
     for epoch in range(epochs):
         counts.update(task_draws(spec.sampling, sizes, seed=seed, epoch=epoch, temperature=spec.temperature))
+    if EVERY_TASK in counts:  # packed: every task trains on every step
+        counts = Counter(dict.fromkeys(spec.tasks, counts.pop(EVERY_TASK)))
     return {**dict(counts), **({SHARED: sum(counts.values())} if spec.shared is not None else {})}
 
 
@@ -136,6 +138,7 @@ def identity(cfg: DictConfig, spec: MultiTaskSpec) -> dict[str, Any]:
             name: {
                 "data": OmegaConf.to_container(task.data, resolve=True),
                 "lr": task.lr,
+                "warmup_epochs": task.warmup_epochs,
                 "adapter": None if task.adapter is None else task.adapter.describe(),
             }
             for name, task in spec.tasks.items()
@@ -163,6 +166,11 @@ def run_multitask(cfg: DictConfig, objective: Objective) -> dict[str, Any]:
     started = time.perf_counter()
     spec = read_spec(cfg)
     _check_trainer(cfg)
+    if spec.sampling == "packed" and not cfg.module.frozen_bn_eval:
+        raise ConfigError(
+            "module.frozen_bn_eval=false with multitask.sampling=packed: a frozen BatchNorm in train mode would "
+            "normalise every point's copy of a batch with statistics of all points; keep module.frozen_bn_eval=true"
+        )
     run_dir = Path(cfg.paths.output_dir)
     wanted = identity(cfg, spec)
     previous = previous_record(run_dir)
@@ -180,10 +188,14 @@ def run_multitask(cfg: DictConfig, objective: Objective) -> dict[str, Any]:
     for name, task in spec.tasks.items():
         datamodules[name].data_config = model_data_config(model, task.data.image_size, task.data.get("crop_pct"))
     data = MultiTaskDataModule(datamodules, spec.sampling, seed=cfg.seed, temperature=spec.temperature)
+    data.prepare_data()  # archives extracted before the loaders are counted
     sizes = {name: len(dm.train_dataloader()) for name, dm in datamodules.items()}
     summary = summarize(model)
     owners = {name: list(dict.fromkeys([*spec.adapters_of(name), name])) for name in spec.tasks}
-    tasks = {n: {"num_classes": num_classes[n], "lr": t.lr, "owners": owners[n]} for n, t in spec.tasks.items()}
+    tasks = {
+        n: {"num_classes": num_classes[n], "lr": t.lr, "warmup_epochs": t.warmup_epochs, "owners": owners[n]}
+        for n, t in spec.tasks.items()
+    }
     module = MultiTaskClassifier(
         model,
         tasks,
@@ -273,14 +285,18 @@ def finish_task(
     selection.load(module, task)
     picked = selection.selected(task)
     scores: dict[str, Any] = {}
-    if cfg.test:
+    if cfg.test and task not in module.diverged:
         data.test_tasks = [task]
         scores = trainer.test(module, datamodule=data, verbose=False)[0]
     task_dir = Path(cfg.paths.output_dir) / TASKS_DIR / task
     method = spec.saved_method(task)
     single = single_task_model(module.model, spec, task)
     entry = spec.tasks[task]
+    status: dict[str, Any] = {"status": "completed"}
+    if task in module.diverged:
+        status = {"status": "diverged", "diverged_at_step": module.diverged[task]}
     outcome: dict[str, Any] = {
+        **status,
         "best_val_acc1": max(selection.history[task].values(), default=None),
         "objective_metric": selection.metric(task),
         "objective_epoch": None if picked is None else picked[0],
@@ -329,7 +345,7 @@ def finish_task(
                 "total_params": per_task.total,
                 "trainable_percent": per_task.trainable_percent,
                 "adapter_params": per_task.adapter_params,
-                "status": "completed",
+                **status,
                 "tested": bool(scores),
                 **outcome,
                 "output_dir": str(task_dir),

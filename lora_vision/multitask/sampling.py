@@ -9,6 +9,8 @@ and the learning-rate schedule keep the meaning they have in a single-task run:
 - `temperature`: each step draws task t with probability proportional to n_t ** (1 / temperature), independently
   (Arivazhagan et al. 2019, arXiv:1907.05019): 1 is proportional in expectation, larger values move towards equal
   shares, so a small task is not drowned by a large one.
+- `packed`: tasks that share one data config (the points of a sweep) train together, every step on the same batch
+  of that data; an epoch has that data's batches.
 
 A task drawn more often than it has batches starts another shuffled pass within the epoch; every epoch starts each
 task afresh. The draws depend only on the rule, the sizes, the seed and the epoch, so a resumed run draws the same.
@@ -23,7 +25,9 @@ import torch
 
 from lora_vision.errors import UserError
 
-SAMPLING_RULES = ("proportional", "round_robin", "temperature")
+SAMPLING_RULES = ("proportional", "round_robin", "temperature", "packed")
+# The step of a packed run: every task trains on the same batch.
+EVERY_TASK = "*"
 
 
 def task_draws(rule: str, sizes: Mapping[str, int], *, seed: int, epoch: int, temperature: float = 1.0) -> list[str]:
@@ -31,6 +35,8 @@ def task_draws(rule: str, sizes: Mapping[str, int], *, seed: int, epoch: int, te
     if rule not in SAMPLING_RULES:
         raise UserError(f"multitask.sampling={rule!r} is not a rule; valid: {', '.join(SAMPLING_RULES)}")
     names = list(sizes)
+    if rule == "packed":
+        return [EVERY_TASK] * next(iter(sizes.values()))
     steps = sum(sizes.values())
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     if rule == "round_robin":
