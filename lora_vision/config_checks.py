@@ -207,12 +207,10 @@ def warn_slow_options(cfg: DictConfig) -> None:
         )
     if cfg.perf.get("compile", False):
         # Per step, in `python -m lora_vision.bench --options` on 2 Xeon cores (experiments/benchmarks/results.md):
-        # ViT-S/16 q,v 830 -> 809 ms (1.03x, within noise), ResNet-50 3x3 convs 602 -> 507 ms (1.19x). The first
-        # step of the same configurations, with an empty inductor cache on 2 AMD EPYC cores, took 65 s and 127 s
-        # against 4-10 s uncompiled (approximate: the cores were shared with other jobs).
+        # ViT-S/16 q,v 830 -> 809 ms (1.03x, within noise), ResNet-50 3x3 convs 602 -> 507 ms (1.19x).
         log.warning(
-            "perf.compile on the CPU: the first steps pay the compilation (65 s for ViT-S/16 and 127 s for "
-            "ResNet-50 on 2 AMD EPYC cores), and in this project's CPU benchmark compiled steps ran at only 1.03x "
+            "perf.compile on the CPU: the first steps pay the compilation, and in this project's CPU benchmark "
+            "compiled steps ran at only 1.03x "
             "(ViT-S/16 q,v) and 1.19x (ResNet-50) the speed of eager ones (experiments/benchmarks/results.md), so "
             "compile pays only on long runs. Fix: perf.compile=false"
         )
