@@ -23,7 +23,7 @@ LOCK_PINS := torch==2.14.1 torchvision==0.29.1 peft==0.21.2
 # The Python the lock is resolved for (CI's); other Pythons install from pyproject's open ranges instead.
 LOCK_PYTHON := 3.11
 
-.PHONY: install lock test test-gpu lint train bench clean
+.PHONY: install lock test test-gpu test-slurm lint train bench clean
 
 install: $(STAMP)
 
@@ -47,7 +47,12 @@ lint: $(STAMP)
 # Test files run side by side, one worker process per core (pytest-xdist), each file on one worker so that its
 # module fixtures are built once; tests/conftest.py gives each worker its share of the cores.
 test: lint
-	$(BIN)/python -m pytest -q -n auto --dist loadfile
+	$(BIN)/python -m pytest -q -n auto --dist loadfile -m "not slurm"
+
+# The tests against a SLURM cluster alone (tests/test_slurm.py): start the one-node test cluster first with
+# tests/slurm/cluster.sh start (as root; .ci/run does); without one they skip, with the reason.
+test-slurm: $(STAMP)
+	$(BIN)/python -m pytest -q -m slurm -rs
 
 # The CUDA tests alone (tests/test_gpu.py); without a GPU they skip, with the reason.
 test-gpu: $(STAMP)

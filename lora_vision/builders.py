@@ -11,6 +11,7 @@ from typing import Any
 import lightning as L
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -110,5 +111,15 @@ def base_source(cfg: DictConfig) -> dict[str, Any]:
 
 
 def build_trainer(cfg: DictConfig, loggers: list[Any], callbacks: list[Any]) -> L.Trainer:
-    """The run's Trainer (the `trainer` group) with its loggers and callbacks, writing checkpoints atomically."""
-    return instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=[AtomicCheckpointIO()])
+    """The run's Trainer (the `trainer` group) with its loggers and callbacks, writing checkpoints atomically.
+
+    Under SLURM, Lightning's own auto-requeue is off: it would ignore SIGTERM (its "Bypassing SIGTERM"), which is
+    how SLURM stops a job it requeues (`scontrol requeue`, preemption, and submitit's requeue at the time limit),
+    so the run would be killed after the cluster's KillWait without saving. With it off, SIGTERM saves `last.ckpt`
+    where the run stands (`lora_vision.resume`) and the requeued job resumes from there; the launcher (submitit)
+    does the requeueing.
+    """
+    plugins: list[Any] = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    return instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=plugins)

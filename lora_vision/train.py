@@ -366,7 +366,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         trainer = build_trainer(cfg, loggers, callbacks)
         check_launch_in_multirun(cfg, trainer)
         if cfg.perf.cache_prefix:
-            datamodule, record["prefix_cache"] = serve_run_prefix_cache(cfg, module, datamodule, fingerprint, trainer)
+            datamodule, record["prefix_cache"] = serve_run_prefix_cache(
+                cfg, module.model_split, datamodule, fingerprint, trainer
+            )
         log_config(loggers, cfg)
         record |= {"status": "completed"} | fit_and_test(cfg, objective, trainer, module, datamodule, resume_from)
         record["skipped_images"] = getattr(datamodule, "skipped_images", None)

@@ -141,7 +141,9 @@ def as_version_1(file: Path) -> dict:
 FAST = ("+exp=smoke", "trainer.max_epochs=1", "data.num_samples=64", "data.num_test_samples=32")
 
 
-def launch(out: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def launch(
+    out: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
     """`python -m lora_vision.train ARGS` run from `out`, offline, with W&B files kept in `out`."""
     out.mkdir(parents=True, exist_ok=True)
     offline = {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(out)}
@@ -151,12 +153,12 @@ def launch(out: Path, *args: str, env: dict[str, str] | None = None) -> subproce
         env={**os.environ, **offline, **(env or {})},
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
     )
 
 
-def multirun(sweep_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return launch(sweep_dir.parent, "-m", *FAST, *overrides, f"hydra.sweep.dir={sweep_dir}")
+def multirun(sweep_dir: Path, *overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return launch(sweep_dir.parent, "-m", *FAST, *overrides, f"hydra.sweep.dir={sweep_dir}", timeout=timeout)
 
 
 def records(sweep_dir: Path) -> dict[str, dict]:

@@ -228,6 +228,7 @@ SWEEP_EXPERIMENTS = {
     "vit_targets": "vit_r8",
     "resnet_targets": "resnet50_conv",
     "study": "vit_r8",
+    "budget": "imagewoof_vit_tiny",
     "optuna": "vit_r8",
     "optuna_pareto": "vit_r8",
     "vtab1k": "vtab1k_vit_b16_lora_qv",
@@ -272,9 +273,12 @@ def test_every_job_of_a_named_sweep_composes_and_applies_to_its_model(sweep: str
             method = build_method(cfg.lora)
             # The target presets must match layers of the experiment's backbone, not just parse (any head size will do).
             model = copy.deepcopy(random_init_model(cfg.model.name, 100, cfg.data.image_size))
-            assert method.apply(model).trainable > 0
-            described.append({**method.describe(), "task": cfg.data.get("task")})
+            summary = method.apply(model)
+            assert summary.trainable > 0
+            described.append({**method.describe(), "task": cfg.data.get("task"), "adapter": summary.adapter_params})
     assert len({str(d) for d in described}) == len(described)  # each point once
+    if sweep == "budget":  # one adapter budget, spent in four places
+        assert len(described) == 4 and len({d["adapter"] for d in described}) == 1
     if sweep == "study":
         methods = [d["method"] for d in described]
         assert methods.count("linear_probe") == methods.count("full") == 1

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from lora_vision.config_checks import ConfigError
 from lora_vision.evaluate import main as evaluate_main
 from lora_vision.lora import AdapterHeads, apply_lora, set_active_adapters
 from lora_vision.multitask.config import read_spec
-from lora_vision.multitask.launcher import group_jobs
+from lora_vision.multitask.launcher import group_jobs, pack_name
 from lora_vision.multitask.model import single_task_model
 from lora_vision.multitask.sampling import task_draws
 from lora_vision.report.collect import find_results, load_records
@@ -151,11 +153,11 @@ def test_shared_and_specific_parts_save_as_one_adapter_that_scores_as_trained(tm
 POINTS = {"r1": ("lora.rank=1", "optim.lr=1e-2"), "r4": ("lora.rank=4", "optim.lr=3e-3")}
 
 
-def pack_overrides(points: dict[str, tuple[str, str]]) -> list[str]:
+def pack_overrides(points: dict[str, tuple[str, str]], data: str = TASKS["a"]) -> list[str]:
     overrides = [*RUN, "multitask.sampling=packed", LAST]
     for name, (rank, lr) in points.items():
         overrides += [
-            f"+multitask.tasks.{name}.data={TASKS['a']}",
+            f"+multitask.tasks.{name}.data={data}",
             f"+multitask.tasks.{name}.lora.rank={rank.split('=')[1]}",
             f"+multitask.tasks.{name}.lr={lr.split('=')[1]}",
         ]
@@ -169,16 +171,48 @@ def pack(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def assert_trained_alike(packed: Path, alone: Path, keys: tuple[str, ...] = ("rank", "lr", "test_acc1")) -> None:
+    """The run (or packed point) in `packed` ended as the run in `alone`: the records' `keys` equal, the test loss
+    to 1e-6 and every adapter tensor to 1e-6 (one packed step's gradients are checked to 1e-9 in float64 in
+    test_bench.py; over a few float32 steps the summed backward's other order of additions stays below 1e-6)."""
+    mine, theirs = (json.loads((path / "results.json").read_text()) for path in (packed, alone))
+    assert {key: mine[key] for key in keys} == {key: theirs[key] for key in keys}
+    assert mine["test_loss"] == pytest.approx(theirs["test_loss"], rel=1e-6)
+    trained = load_file(packed / "adapter" / "adapter.safetensors")
+    for key, tensor in load_file(alone / "adapter" / "adapter.safetensors").items():
+        torch.testing.assert_close(trained[key], tensor, atol=1e-6, rtol=0)
+
+
 def test_a_packed_sweep_trains_each_point_exactly_as_its_own_run(pack: Path, tmp_path: Path) -> None:
     for name, point in POINTS.items():
-        alone = train(tmp_path / name, *single_overrides("a"), *point, LAST)
-        packed = json.loads((pack / "tasks" / name / "results.json").read_text())
-        assert packed["rank"] == alone["rank"] and packed["lr"] == alone["lr"]
-        assert packed["test_acc1"] == alone["test_acc1"] and packed["best_val_acc1"] == alone["best_val_acc1"]
-        assert packed["test_loss"] == pytest.approx(alone["test_loss"], rel=1e-6)
-        trained = load_file(pack / "tasks" / name / "adapter" / "adapter.safetensors")
-        for key, tensor in load_file(tmp_path / name / "adapter" / "adapter.safetensors").items():
-            torch.testing.assert_close(trained[key], tensor, atol=1e-6, rtol=0)
+        train(tmp_path / name, *single_overrides("a"), *point, LAST)
+        assert_trained_alike(pack / "tasks" / name, tmp_path / name, ("rank", "lr", "test_acc1", "best_val_acc1"))
+
+
+def test_a_pack_on_the_prefix_cache_trains_each_point_as_its_own_cached_run(tmp_path: Path) -> None:
+    # Both points adapt the last of the two blocks only: the stem and block 0 run once, for the whole pack. The
+    # prefix cache needs unaugmented images.
+    cached = ("perf.cache_prefix=true", f"perf.cache_dir={tmp_path / 'cache'}", "lora.blocks=-1:")
+    still = TASKS["a"].replace("}", ",train_augment:false}")
+    summary = train(tmp_path / "pack", *pack_overrides(POINTS, still), *cached)
+    assert summary["prefix_cache"]["depth"] == 1 and summary["prefix_cache"]["hit"] is False
+    for name, point in POINTS.items():
+        alone = train(tmp_path / name, *single_overrides("a"), "data.train_augment=false", *point, LAST, *cached)
+        assert alone["prefix_cache"]["depth"] == 1
+        assert_trained_alike(tmp_path / "pack" / "tasks" / name, tmp_path / name)
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("perf.grad_checkpointing=true", "perf.grad_checkpointing=True is not supported in a multi-task run"),
+        ("perf.compile=true", "perf.compile=True is not supported in a multi-task run"),
+        ("perf.cache_prefix=true", "perf.cache_prefix=true with multitask.sampling=proportional"),
+    ],
+)
+def test_perf_options_a_multitask_run_cannot_honour_are_refused(override: str, named: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        train(tmp_path, *multitask_overrides(), override)
 
 
 def test_a_diverging_point_stops_alone_and_the_others_train_on(pack: Path, tmp_path: Path) -> None:
@@ -210,6 +244,18 @@ def test_the_packed_launcher_writes_each_point_as_the_sequential_sweep_does(tmp_
         assert (tmp_path / "packed" / job / ".hydra" / "overrides.yaml").is_file()
     report = (tmp_path / "packed" / "report.md").read_text()
     assert report.count("| lora |") == 2
+    # The same command again, after job 1's directory was lost: job 0 is reported as it stands (nothing trained,
+    # its files untouched), job 1 alone has no pack left and trains as a single run, to the same result.
+    kept = {path: path.read_bytes() for path in (tmp_path / "packed" / "0").rglob("*") if path.is_file()}
+    shutil.move(tmp_path / "packed" / "1", tmp_path / "lost")
+    again = multirun(tmp_path / "packed", "hydra/launcher=packed", "lora.rank=2,4", "optim.lr=1e-2")
+    assert again.returncode == 0, again.stderr[-3000:]
+    log = again.stdout + again.stderr
+    assert "Launching 2 jobs: 0 in 0 pack(s), 2 apart" in log
+    assert "#0 apart (finished before: reported, not trained again)" in log and "holds a finished run" in log
+    assert "#1 apart (no other job to pack with)" in log
+    assert {path: path.read_bytes() for path in kept} == kept
+    assert_trained_alike(tmp_path / "packed" / "1", tmp_path / "lost")
 
 
 def test_jobs_that_cannot_share_a_pass_are_kept_apart_with_the_reason() -> None:
@@ -220,6 +266,10 @@ def test_jobs_that_cannot_share_a_pass_are_kept_apart_with_the_reason() -> None:
     packs, apart = group_jobs(configs)
     assert packs == [[0, 1]]
     assert apart == {2: "data.seed, seed differ from the other jobs'", 3: "lora=FullFineTune is not LoRA"}
+    # A pack of every job in between is named by its ends; one with gaps (a rerun's unfinished points) also by
+    # its members, so that it never meets another pack's run directory.
+    assert pack_name([3, 4, 5]) == ".pack-3-5"
+    assert pack_name([3, 5]).startswith(".pack-3-5-") and pack_name([3, 5]) != pack_name([3, 4, 5])
 
 
 @pytest.mark.parametrize("make", [tiny_vit, tiny_resnet], ids=["vit", "resnet"])

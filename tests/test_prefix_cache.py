@@ -145,7 +145,9 @@ def test_cache_key_follows_weights_data_and_depth_but_not_rank_or_batch_size() -
 def test_augmented_training_data_is_refused(tmp_path: Path) -> None:
     module = classifier(MODELS["vit"]())
     with pytest.raises(PrefixCacheError, match=r"data.train_augment=True"):
-        serve_prefix_cache(module, synthetic(train_augment=True), identity={}, cache_dir=tmp_path, device=CPU)
+        serve_prefix_cache(
+            module.model_split, synthetic(train_augment=True), identity={}, cache_dir=tmp_path, device=CPU
+        )
 
 
 @pytest.mark.parametrize("persistent_workers", [False, True])
@@ -155,7 +157,7 @@ def test_cached_batches_are_the_image_loaders_batches_in_order(tmp_path: Path, p
     data = synthetic(num_workers=int(persistent_workers), persistent_workers=persistent_workers)
     module = classifier(MODELS["vit"]())
     data.data_config = {"input_size": (3, 32, 32)}
-    cached, record = serve_prefix_cache(module, data, identity={}, cache_dir=tmp_path, device=CPU)
+    cached, record = serve_prefix_cache(module.model_split, data, identity={}, cache_dir=tmp_path, device=CPU)
     assert record["hit"] is False and record["depth"] == 3
     split = module.model_split
     images, features = data.train_dataloader(), cached.train_dataloader()

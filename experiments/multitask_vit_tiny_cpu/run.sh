@@ -14,9 +14,7 @@ mkdir -p "$out"
 train() {  # train NAME OVERRIDES...: one run in $out/NAME, its wall time (s) and peak RSS (KiB) in $out/NAME.time
   local name=$1
   shift
-  mkdir -p "$(dirname "$out/$name")"
-  env HF_HUB_OFFLINE=1 /usr/bin/time -f "%e %M" -o "$out/$name.time" $py -m lora_vision.train \
-    model.checkpoint="$vit_tiny_weights" "$@" hydra.run.dir="$out/$name"
+  timed "$out/$name.time" $py -m lora_vision.train model.checkpoint="$vit_tiny_weights" "$@" hydra.run.dir="$out/$name"
 }
 tasks=(multitask.tasks.woof.data.archive="$imagewoof_archive" multitask.tasks.cifar.data.archive="$cifar10_archive")
 

@@ -98,7 +98,8 @@ class MultiTaskBatches:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         for name, generator_state in state["generators"].items():
-            self.loaders[name].generator.set_state(generator_state)
+            if name in self.loaders:  # a packed run's checkpoint of an earlier release holds every task's loader
+                self.loaders[name].generator.set_state(generator_state)
         self._skip = state["consumed"]
 
 
@@ -140,8 +141,10 @@ class MultiTaskDataModule(L.LightningDataModule):
             datamodule.setup(stage)
 
     def train_dataloader(self) -> MultiTaskBatches:
+        # A packed stream reads the first task's loader alone (the tasks share one data config).
+        sources = list(self.datamodules.items())[: 1 if self.packed else None]
         return MultiTaskBatches(
-            {name: dm.train_dataloader() for name, dm in self.datamodules.items()},
+            {name: dm.train_dataloader() for name, dm in sources},
             self.rule,
             seed=self.seed,
             temperature=self.temperature,

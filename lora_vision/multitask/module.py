@@ -23,6 +23,7 @@ from torchmetrics import Metric
 from lora_vision.lora import route, set_active_adapters
 from lora_vision.module import STAGES, Classifier, accuracy_metrics
 from lora_vision.multitask.sampling import EVERY_TASK
+from lora_vision.prefix_cache import SuffixClassifier
 
 log = logging.getLogger(__name__)
 
@@ -135,10 +136,10 @@ class MultiTaskClassifier(Classifier):
         training, on copies of the batch routed each to its own adapters and head in one pass."""
         if task != EVERY_TASK:
             set_active_adapters(self.model, self.owners(task))
-            return [(task, self.model(images))]
+            return [(task, self(images))]
         tasks = self.training_tasks()
         with route(self.model, [name for name in tasks for _ in range(batch)]):
-            logits = self.model(images.repeat(len(tasks), *[1] * (images.dim() - 1)))
+            logits = self(images.repeat(len(tasks), *[1] * (images.dim() - 1)))
         return list(zip(tasks, logits.split(batch), strict=True))
 
     def _step(self, batch: tuple[str, tuple[torch.Tensor, torch.Tensor]], stage: str) -> torch.Tensor | None:
@@ -272,3 +273,8 @@ class MultiTaskClassifier(Classifier):
         # Lightning restores the module before it calls configure_optimizers, which builds the schedules.
         self._schedules_to_load = checkpoint.get(SCHEDULES)
         self.diverged = dict(checkpoint.get(DIVERGED) or {})
+
+
+class SuffixMultiTaskClassifier(MultiTaskClassifier, SuffixClassifier):
+    """A packed run's `MultiTaskClassifier` fed the frozen prefix's cached activations (`perf.cache_prefix`): its
+    forward runs only the suffix, where every point's adapters are (the prefix ends below the lowest of them)."""

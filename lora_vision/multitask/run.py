@@ -32,9 +32,11 @@ from lora_vision.models import model_data_config, model_label
 from lora_vision.multitask.config import SHARED, MultiTaskSpec, read_spec
 from lora_vision.multitask.data import MultiTaskDataModule
 from lora_vision.multitask.model import build_multitask_model, single_task_model
-from lora_vision.multitask.module import MultiTaskClassifier, owner_of
+from lora_vision.multitask.module import MultiTaskClassifier, SuffixMultiTaskClassifier, owner_of
 from lora_vision.multitask.sampling import EVERY_TASK, task_draws
 from lora_vision.objective import Objective, ValidationHistory
+from lora_vision.performance import apply_performance_options
+from lora_vision.prefix_cache import serve_run_prefix_cache
 from lora_vision.rerun import check_same_run, describe_finished, finished, previous_record, set_aside
 from lora_vision.results import RESULTS_FILE, finite_or_none, git_state, versions, write_json_atomic
 from lora_vision.resume import ResumeCheckpoint, resume_point
@@ -161,11 +163,31 @@ def _check_trainer(cfg: DictConfig) -> None:
             )
 
 
+def _check_perf(cfg: DictConfig, spec: MultiTaskSpec) -> None:
+    """Refuse the `perf` options a multi-task run cannot honour; `channels_last` and (packed) `cache_prefix` it can."""
+    for key, why in (
+        ("compile", "the routing of samples to adapters changes from step to step, and each change would recompile"),
+        ("grad_checkpointing", "the backward pass would recompute blocks outside the step's routing of samples"),
+    ):
+        if cfg.perf[key]:
+            raise ConfigError(
+                f"perf.{key}={cfg.perf[key]} is not supported in a multi-task run: {why}; set perf.{key}=false "
+                "(hydra/launcher=packed runs such jobs apart, as single runs)"
+            )
+    if cfg.perf.cache_prefix and spec.sampling != "packed":
+        raise ConfigError(
+            f"perf.cache_prefix=true with multitask.sampling={spec.sampling}: the tasks' images differ, so their "
+            "prefix activations would be cached and fed separately; it works with multitask.sampling=packed (one "
+            "data config, as hydra/launcher=packed runs), else set perf.cache_prefix=false"
+        )
+
+
 def run_multitask(cfg: DictConfig, objective: Objective) -> dict[str, Any]:
     """Train the tasks of `cfg.multitask` together; return the summary record (also `<run dir>/results.json`)."""
     started = time.perf_counter()
     spec = read_spec(cfg)
     _check_trainer(cfg)
+    _check_perf(cfg, spec)
     if spec.sampling == "packed" and not cfg.module.frozen_bn_eval:
         raise ConfigError(
             "module.frozen_bn_eval=false with multitask.sampling=packed: a frozen BatchNorm in train mode would "
@@ -184,6 +206,7 @@ def run_multitask(cfg: DictConfig, objective: Objective) -> dict[str, Any]:
     if cfg.resume is False and rank_zero_only.rank == 0:
         set_aside(run_dir)
     model, fingerprint, datamodules = build_multitask_model(cfg, spec)
+    apply_performance_options(model, channels_last=cfg.perf.channels_last)
     num_classes = {name: dm.num_classes for name, dm in datamodules.items()}
     for name, task in spec.tasks.items():
         datamodules[name].data_config = model_data_config(model, task.data.image_size, task.data.get("crop_pct"))
@@ -196,7 +219,8 @@ def run_multitask(cfg: DictConfig, objective: Objective) -> dict[str, Any]:
         n: {"num_classes": num_classes[n], "lr": t.lr, "warmup_epochs": t.warmup_epochs, "owners": owners[n]}
         for n, t in spec.tasks.items()
     }
-    module = MultiTaskClassifier(
+    module_class = SuffixMultiTaskClassifier if cfg.perf.cache_prefix else MultiTaskClassifier
+    module = module_class(
         model,
         tasks,
         owner_steps(spec, sizes, cfg.seed, cfg.trainer.max_epochs),
@@ -219,6 +243,7 @@ def run_multitask(cfg: DictConfig, objective: Objective) -> dict[str, Any]:
         **git_state(),
         "output_dir": str(run_dir),
         "status": "running",
+        "prefix_cache": None,
         "tasks": {},
     }
     selection = TaskSelection(objective, owners, run_dir / "checkpoints")
@@ -235,11 +260,21 @@ def run_multitask(cfg: DictConfig, objective: Objective) -> dict[str, Any]:
     record["resumed_from"] = None if resume_from is None else str(resume_from)
     try:
         trainer = build_trainer(cfg, loggers, callbacks)
+        if cfg.perf.cache_prefix:
+            # The points of a pack share one data config: one cache, served to every point's copy of a batch.
+            first = next(iter(spec.tasks))
+            cached, record["prefix_cache"] = serve_run_prefix_cache(
+                cfg, module.model_split, datamodules[first], fingerprint, trainer, data=spec.tasks[first].data
+            )
+            data.datamodules = dict.fromkeys(spec.tasks, cached)
         trainer.fit(module, datamodule=data, ckpt_path=resume_from)
         history = next(c for c in trainer.callbacks if isinstance(c, ValidationHistory))
         record |= {"status": "completed", **history.record(objective, summary.trainable)}
+        scores = test_pack(trainer, module, data, selection) if cfg.test and spec.sampling == "packed" else {}
         for name in spec.tasks:
-            record["tasks"][name] = finish_task(cfg, spec, name, trainer, module, data, selection, fingerprint)
+            record["tasks"][name] = finish_task(
+                cfg, spec, name, trainer, module, data, selection, fingerprint, scores.get(name)
+            )
         tested = [t["test_acc1"] for t in record["tasks"].values() if t.get("test_acc1") is not None]
         throughput = next(c for c in trainer.callbacks if isinstance(c, TrainThroughput))
         record |= {
@@ -271,6 +306,22 @@ def _loraplus_ratios(model: Any, spec: MultiTaskSpec) -> dict[str, float]:
     return ratios
 
 
+def test_pack(
+    trainer: L.Trainer, module: MultiTaskClassifier, data: MultiTaskDataModule, selection: TaskSelection
+) -> dict[str, dict[str, Any]]:
+    """The test scores of every point of a pack still training, each at its own selected epoch, from one pass over
+    the shared test set: the points' weights are disjoint, so all are loaded at once, and each batch goes through
+    every point on its own routed copy, as in training."""
+    tasks = module.training_tasks()
+    if not tasks:
+        return {}
+    for task in tasks:
+        selection.load(module, task)
+    data.test_tasks = [EVERY_TASK]
+    scores = trainer.test(module, datamodule=data, verbose=False)[0]
+    return {task: {key: value for key, value in scores.items() if key.startswith(f"test/{task}/")} for task in tasks}
+
+
 def finish_task(
     cfg: DictConfig,
     spec: MultiTaskSpec,
@@ -280,14 +331,17 @@ def finish_task(
     data: MultiTaskDataModule,
     selection: TaskSelection,
     fingerprint: str,
+    scores: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Test `task` at its selected epoch, save its adapter and write its record; return the record's outcome."""
+    """Test `task` at its selected epoch (unless `scores` holds its test scores already), save its adapter and
+    write its record; return the record's outcome."""
     selection.load(module, task)
     picked = selection.selected(task)
-    scores: dict[str, Any] = {}
-    if cfg.test and task not in module.diverged:
-        data.test_tasks = [task]
-        scores = trainer.test(module, datamodule=data, verbose=False)[0]
+    if scores is None:
+        scores = {}
+        if cfg.test and task not in module.diverged:
+            data.test_tasks = [task]
+            scores = trainer.test(module, datamodule=data, verbose=False)[0]
     task_dir = Path(cfg.paths.output_dir) / TASKS_DIR / task
     method = spec.saved_method(task)
     single = single_task_model(module.model, spec, task)

@@ -8,17 +8,23 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from lora_vision.data.base import ImageDataModule
-from lora_vision.prefix_cache.serve import CachedFeatureData, SuffixClassifier, serve_prefix_cache
-from lora_vision.prefix_cache.split import PrefixCacheError
+from lora_vision.prefix_cache.serve import CachedFeatureData, serve_prefix_cache
+from lora_vision.prefix_cache.split import ModelSplit, PrefixCacheError
 
 # The `perf` keys this package reads; the others are `apply_performance_options`'.
 PREFIX_CACHE_KEYS = ("cache_prefix", "cache_dir")
 
 
 def serve_run_prefix_cache(
-    cfg: DictConfig, module: SuffixClassifier, datamodule: ImageDataModule, fingerprint: str, trainer: L.Trainer
+    cfg: DictConfig,
+    split: ModelSplit,
+    datamodule: ImageDataModule,
+    fingerprint: str,
+    trainer: L.Trainer,
+    data: DictConfig | None = None,
 ) -> tuple[CachedFeatureData, dict[str, Any]]:
-    """`serve_prefix_cache` for a run of `lora_vision.train`, after the run-level checks.
+    """`serve_prefix_cache` for a run of `lora_vision.train`, after the run-level checks; `data` is the config of
+    `datamodule` (default `cfg.data`; a packed run's points share one of their own).
 
     PrefixCacheError for settings under which the uncached run computes its prefix differently: mixed or double
     precision (the cache holds float32 activations) and torch.compile (it compiles the whole model's forward,
@@ -39,8 +45,8 @@ def serve_run_prefix_cache(
         "model": cfg.model.name,
         "model_kwargs": OmegaConf.to_container(cfg.model.kwargs, resolve=True),
         "base_fingerprint": fingerprint,
-        "data": OmegaConf.to_container(cfg.data, resolve=True),
+        "data": OmegaConf.to_container(cfg.data if data is None else data, resolve=True),
     }
     return serve_prefix_cache(
-        module, datamodule, identity=identity, cache_dir=cfg.perf.cache_dir, device=trainer.strategy.root_device
+        split, datamodule, identity=identity, cache_dir=cfg.perf.cache_dir, device=trainer.strategy.root_device
     )

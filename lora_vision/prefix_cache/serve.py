@@ -66,6 +66,10 @@ class CachedFeatureData(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
 
+    def batch_transform(self, features: Tensor, *, training: bool) -> Tensor:
+        """Nothing to do: the activations were computed from images after the source's own batch step."""
+        return features
+
     def _loader(self, split: str, *, shuffle: bool) -> DataLoader:
         source = self.source
         # The same sampler and seeded generator as `ImageDataModule`'s loaders. The generator also draws a worker
@@ -85,14 +89,15 @@ class CachedFeatureData(L.LightningDataModule):
 
 
 def serve_prefix_cache(
-    module: SuffixClassifier,
+    split: ModelSplit,
     datamodule: ImageDataModule,
     *,
     identity: Mapping[str, Any],
     cache_dir: str | Path,
     device: torch.device,
 ) -> tuple[CachedFeatureData, dict[str, Any]]:
-    """The datamodule to fit and test `module` with, and the run record's `prefix_cache` entry.
+    """The datamodule to fit and test a module that runs `split.suffix` with, and the run record's `prefix_cache`
+    entry.
 
     identity: what the run's model and data are beyond what the objects tell (model name, create kwargs, base
         weights fingerprint; the data options, under "data"); part of the cache key.
@@ -104,7 +109,6 @@ def serve_prefix_cache(
             f"perf.cache_prefix=true with data.train_augment={datamodule.train_augment!r}: augmented images differ "
             "every epoch, their activations cannot be cached; set data.train_augment=false or perf.cache_prefix=false"
         )
-    split = module.model_split
     started = time.perf_counter()
     datamodule.prepare_data()
     store = FeatureStore(cache_dir, key_parts(split, datamodule, identity, device))
