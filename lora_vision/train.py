@@ -97,8 +97,12 @@ def check_launch_in_multirun(cfg: DictConfig, trainer: L.Trainer) -> None:
     sweep again, in a sweep directory of its own (lightning-ai/pytorch-lightning#11300). Under SLURM the processes
     come from SLURM instead, and nothing is re-run.
     """
-    # Lightning has no public way to ask whether a strategy re-runs the script; its launcher class tells.
-    relaunches = isinstance(trainer.strategy.launcher, _SubprocessScriptLauncher) and trainer.num_devices > 1
+    # Lightning has no public way to ask whether a strategy re-runs the script; its launcher class tells, and that
+    # launcher re-runs nothing when the cluster environment starts the processes (SLURM's srun tasks).
+    environment = getattr(trainer.strategy, "cluster_environment", None)
+    external = environment is not None and environment.creates_processes_externally
+    relaunches = isinstance(trainer.strategy.launcher, _SubprocessScriptLauncher) and not external
+    relaunches = relaunches and trainer.num_devices > 1
     if relaunches and in_multirun():
         raise ConfigError(
             f"trainer.strategy={cfg.trainer.get('strategy', 'auto')} with trainer.devices={cfg.trainer.devices} "

@@ -8,9 +8,11 @@ import contextlib
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
+import time
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from packaging.version import Version
 from lora_vision.cli import canonical_overrides, checked_command_line
 from lora_vision.report.collect import pareto_front
 from lora_vision.search import sweeper as sweeper_module
+from lora_vision.search.heartbeat import BEAT_ATTR, INTERRUPTED_ATTR, RERUN_ATTR
 from lora_vision.search.seeding import SEED_ATTR, trial_seed
 from lora_vision.search.space import SearchSpaceError, as_override, parse_search_space
 from lora_vision.search.storage import load_study
@@ -40,6 +43,7 @@ from lora_vision.search.sweeper import (
     counted,
     directions,
     objective_values,
+    started,
 )
 from tests.helpers import CONF, FAST, launch, multirun, records
 
@@ -292,6 +296,67 @@ def test_a_continued_search_draws_new_points_and_the_report_names_the_seed(tmp_p
     assert "accuracies are fractions: 1.0 = 100 %" in best["objective"]
     report = (sweep_dir / "report.md").read_text()
     assert "Optuna search (optimization_results.yaml): sampler TPESampler, seed 0; each trial drew" in report
+
+
+def lost_trial(sweep_dir: Path, rank: int, beaten: float) -> int:
+    """Start a trial of the study as a worker would, drawing `rank`, last beating at `beaten`, and leave it running
+    as a worker killed outright does; its number."""
+    lost = study(sweep_dir)
+    lost.enqueue_trial({"lora.rank": rank})
+    trial = lost.ask()
+    trial.suggest_categorical("lora.rank", [2, 4])
+    trial.set_user_attr(BEAT_ATTR, beaten)
+    return trial.number
+
+
+@pytest.mark.slow
+def test_a_trial_whose_worker_is_lost_runs_again_with_its_parameters(tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "optuna"
+    search = ("+sweep=optuna", "lora.targets=qv", "lora.rank=choice(2,4)", "optim.lr=1e-3", "lora.alpha=8")
+    first = multirun(sweep_dir, *search, "hydra.sweeper.n_trials=1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    # Two workers lost: one long ago, one a moment ago (within its grace period until the other trials are done).
+    gone = lost_trial(sweep_dir, 2, beaten=time.time() - 3600)
+    recent = lost_trial(sweep_dir, 4, beaten=time.time())
+    beats = ("hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=25")
+    again = multirun(sweep_dir, *search, "hydra.sweeper.n_trials=4", *beats)
+    assert again.returncode == 0, again.stderr[-3000:]
+    trials = study(sweep_dir).trials
+    # The stale trial ran again at once; the search then waited for the recent one to go stale and ran it again:
+    # four trials completed, the lost two failed and no longer count, none is left running.
+    assert [t.state for t in trials if t.number in (gone, recent)] == [TrialState.FAIL] * 2
+    reruns = {t.user_attrs[RERUN_ATTR]: t for t in trials if RERUN_ATTR in t.user_attrs}
+    assert sorted(reruns) == [gone, recent]
+    assert reruns[gone].params == {"lora.rank": 2} and reruns[recent].params == {"lora.rank": 4}
+    assert all(t.state == TrialState.COMPLETE for t in reruns.values())
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 4 and len(trials) == 6
+    assert started(study(sweep_dir)) == 4
+    log = again.stdout + again.stderr
+    assert f"trial {gone}: its worker was lost: no heartbeat for" in log
+    assert "still running elsewhere: waiting for them" in log
+    # A rerun trial runs in a directory of its own; the lost trials' directories were never written.
+    assert {r["trial"] for r in records(sweep_dir).values()} == {
+        t.number for t in trials if t.state == TrialState.COMPLETE
+    }
+
+
+@pytest.mark.slow
+def test_a_worker_stopped_by_sigterm_leaves_its_trial_to_run_again(tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "optuna"
+    search = ("+sweep=optuna", "trainer.max_epochs=200", "hydra.sweeper.n_trials=2")
+    command = [sys.executable, "-m", "lora_vision.train", "-m", *FAST, *search, f"hydra.sweep.dir={sweep_dir}"]
+    worker = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not (sweep_dir / "0" / "checkpoints" / "last.ckpt").exists():
+        assert time.monotonic() < deadline and worker.poll() is None, "trial 0 never saved a checkpoint"
+        time.sleep(0.2)
+    worker.send_signal(signal.SIGTERM)
+    output, _ = worker.communicate(timeout=120)
+    assert worker.returncode == 143, output[-3000:]
+    trials = study(sweep_dir).trials
+    assert trials[0].state == TrialState.FAIL and trials[0].user_attrs[INTERRUPTED_ATTR].endswith("(SystemExit)")
+    assert trials[1].state == TrialState.WAITING and trials[1].user_attrs[RERUN_ATTR] == 0
+    assert started(study(sweep_dir)) == 0
 
 
 TPE = {"_target_": "optuna.samplers.TPESampler", "seed": 0}

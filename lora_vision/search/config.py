@@ -102,6 +102,11 @@ class OptunaSweeperConf:
     n_jobs: int = 1
     # Stop the search when more than this share of this sweep's trials has failed.
     max_failure_rate: float = 1.0
+    # Seconds: with a storage, each worker marks its running trials alive this often, and a trial not marked for
+    # grace_period (its worker killed outright, its node lost) is failed and run again with the same parameters by
+    # the next worker to claim a trial; workers with nothing left to claim wait for the running trials to end.
+    heartbeat_interval: float = 60.0
+    grace_period: float = 300.0
     # The search space: key -> a sweep in Hydra's override syntax, e.g. `tag(log, interval(1e-4, 1e-2))`.
     params: dict[str, str] | None = None
     # What the job returns, in words (the metric and its unit), written as `objective` beside the values in the

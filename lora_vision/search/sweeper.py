@@ -8,8 +8,10 @@ Hydra finds it through `hydra_plugins.lora_vision_optuna` (see pyproject.toml).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from optuna.trial import FrozenTrial, TrialState
 from lora_vision.errors import UserError, user_errors_as_messages
 from lora_vision.objective import DIRECTIONS as MODE_DIRECTIONS
 from lora_vision.results import BEST_FILE, PARETO_FILE, write_atomic
+from lora_vision.search.heartbeat import beat, beating, fail_lost, interrupted, rerun, running
 from lora_vision.search.seeding import SEED_ATTR, TrialSeededSampler, trial_seed
 from lora_vision.search.space import as_override, parse_search_space
 from lora_vision.search.storage import claim_lock, open_storage
@@ -86,16 +89,22 @@ def lowest(distribution: BaseDistribution) -> Any:
     return distribution.low
 
 
-def counted(trial: FrozenTrial) -> bool:
-    """Trials that use up the study's budget: every trial but those queued and not yet started, and those a worker
-    started over the budget and never ran."""
-    return trial.state != TrialState.WAITING and SURPLUS_ATTR not in trial.user_attrs
+def counted(trial: FrozenTrial, run_again: set[int] | frozenset[int] = frozenset()) -> bool:
+    """Trials that use up the study's budget: every trial but those queued and not yet started, those a worker
+    started over the budget and never ran, and those that did not finish and are run again (`run_again`, their
+    numbers: lora_vision.search.heartbeat)."""
+    return (
+        trial.state != TrialState.WAITING
+        and SURPLUS_ATTR not in trial.user_attrs
+        and not (trial.state == TrialState.FAIL and trial.number in run_again)
+    )
 
 
 def started(study: optuna.Study, below: int | None = None) -> int:
     """How many trials of the study use up its budget; with `below`, only those numbered below it."""
     trials = study.get_trials(deepcopy=False)
-    return sum(counted(t) for t in trials if below is None or t.number < below)
+    again = rerun(trials)
+    return sum(counted(t, again) for t in trials if below is None or t.number < below)
 
 
 def suggest(trial: optuna.Trial, name: str, distribution: BaseDistribution) -> Any:
@@ -131,6 +140,8 @@ class OptunaSweeper(Sweeper):
         params: DictConfig | None,
         pruner: DictConfig | None = None,
         objective: str | None = None,
+        heartbeat_interval: float = 60.0,
+        grace_period: float = 300.0,
     ) -> None:
         # The sampler and pruner arrive as configs (`_recursive_: false`): the sweeper builds the sampler once per
         # trial, with that trial's seed (lora_vision.search.seeding).
@@ -144,6 +155,10 @@ class OptunaSweeper(Sweeper):
         self.n_jobs = n_jobs
         self.max_failure_rate = max_failure_rate
         self.params = params
+        self.heartbeat_interval = heartbeat_interval
+        self.grace_period = grace_period
+        # How many running trials of other workers this worker last said it waits for.
+        self.waiting_for = 0
         self.job_idx = 0
 
     @property
@@ -161,6 +176,12 @@ class OptunaSweeper(Sweeper):
         for key, value in (("n_trials", self.n_trials), ("n_jobs", self.n_jobs)):
             if not isinstance(value, int) or value < 1:
                 raise SweepConfigError(f"hydra.sweeper.{key}={value}: give an integer >= 1")
+        if not 0 < self.heartbeat_interval < self.grace_period:
+            raise SweepConfigError(
+                f"hydra.sweeper.heartbeat_interval={self.heartbeat_interval}, hydra.sweeper.grace_period="
+                f"{self.grace_period}: give 0 < heartbeat_interval < grace_period (seconds; a trial whose worker "
+                "has not beaten for grace_period is run again)"
+            )
         if not 0.0 <= self.max_failure_rate <= 1.0:
             raise SweepConfigError(f"hydra.sweeper.max_failure_rate={self.max_failure_rate}: give a fraction in [0, 1]")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
@@ -275,14 +296,21 @@ class OptunaSweeper(Sweeper):
             while len(trials) < self.n_jobs and (trial := self.claim(study, space)) is not None:
                 trials.append(trial)
             if not trials:
-                break
+                if not self.wait_for_others(study):
+                    break
+                continue
             overrides = [self.job_overrides(fixed_overrides, t.params, t.number) for t in trials]
             try:
-                returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
-            except BaseException:
-                # Ctrl-C or SIGTERM during the batch: its trials will not finish here.
-                for trial in trials:
-                    study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+                with beating(trials, self.heartbeat_interval) if self.storage else contextlib.nullcontext():
+                    returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
+            except BaseException as err:
+                # Ctrl-C, or SIGTERM (a cluster's pre-emption or time limit) during the batch: its trials did not
+                # finish, and run again in a continued search or another worker.
+                if self.storage:
+                    interrupted(study, trials, f"its worker was stopped ({type(err).__name__})")
+                else:
+                    for trial in trials:
+                        study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
                 raise
             self.job_idx += len(returns)
             for trial, ret in zip(trials, returns, strict=True):
@@ -294,6 +322,22 @@ class OptunaSweeper(Sweeper):
                     f"{self.max_failure_rate}; the failed runs' results.json say why"
                 )
         self.write_results(study)
+
+    def wait_for_others(self, study: optuna.Study) -> bool:
+        """With the budget spent and trials still running in other workers: wait one heartbeat interval and say
+        so (True), since a trial whose worker is lost runs again here. False when no trial is running."""
+        if not self.storage or not (count := running(study)):
+            return False
+        if count != self.waiting_for:
+            self.waiting_for = count
+            log.info(
+                "the study's trials are all started; %d still running elsewhere: waiting for them (one whose worker "
+                "stops beating for %s s runs again here)",
+                count,
+                self.grace_period,
+            )
+        time.sleep(self.heartbeat_interval)
+        return True
 
     def claim(self, study: optuna.Study, space: dict[str, BaseDistribution]) -> optuna.Trial | None:
         """Start one trial of the study and draw its parameters; None once the study's budget is spent.
@@ -307,9 +351,13 @@ class OptunaSweeper(Sweeper):
         surplus trial draws no parameters, is marked, told as failed, and no longer counts.
         """
         with claim_lock(self.storage):
+            if self.storage:
+                fail_lost(study, self.grace_period)
             if started(study) >= self.n_trials:
                 return None
             trial = study.ask()
+            if self.storage:
+                beat(trial)
         if started(study, below=trial.number) >= self.n_trials:
             trial.set_user_attr(SURPLUS_ATTR, f"started over hydra.sweeper.n_trials={self.n_trials}; not run")
             study.tell(trial, state=TrialState.FAIL)
