@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import logging
 import socket
@@ -29,6 +30,10 @@ HUB_PROBE_TIMEOUT_S = 3.0
 
 # The first bytes of a zip archive, which `torch.save` has written since torch 1.6.
 ZIP_MAGIC = b"PK\x03\x04"
+# The first byte of a pickle stream (protocol 2 and later), which `torch.save` wrote before torch 1.6.
+PICKLE_PROTOCOL = b"\x80"
+# How much of the start of a file in neither format a message quotes: enough to tell an HTML page or a text file.
+SHOWN_BYTES = 16
 
 
 class ModelConfigError(UserError, ValueError):
@@ -50,12 +55,15 @@ def _check_name(name: str) -> None:
 
 
 def weights_file_damage(path: Path) -> str | None:
-    """Why the weights or checkpoint file `path` is truncated or damaged, from its index alone; None if it is whole.
+    """Why the weights or checkpoint file `path` is truncated or damaged; None if it reads whole.
 
-    A safetensors file starts with a header that gives every tensor's byte range, and `torch.save` writes a zip
-    archive whose directory sits at its end, so a file cut short (a copy or download that stopped, a full disk)
-    fails its index check without a tensor being read. timm and Lightning load the file once afterwards. A file in
-    torch's format before 1.6 (a bare pickle stream) has no index to check; loading it tells.
+    Told before anything is built, so that a copy or download that stopped early, a full disk or an error page saved
+    under the file's name is named as such, not met as a traceback from inside timm or Lightning, which load the file
+    once afterwards. A safetensors file starts with a header that gives every tensor's byte range, which safetensors
+    checks against the file's size. `torch.save` writes a zip archive whose directory sits at its end and which holds
+    the CRC-32 of every member: a file cut short lacks the directory, a file with bytes overwritten fails a CRC
+    (checking reads the file once, a tenth of a second for 300 MB). A file in torch's format of before 1.6 (a bare
+    pickle stream) has neither: it is loaded, as tensors only, to tell.
     """
     if path.suffix == ".safetensors":  # the suffix is what picks timm's reader too
         try:
@@ -64,19 +72,43 @@ def weights_file_damage(path: Path) -> str | None:
         except safetensors.SafetensorError as err:
             return one_line(err)
     with path.open("rb") as file:
-        magic = file.read(len(ZIP_MAGIC))
-    if not magic:
+        start = file.read(SHOWN_BYTES)
+    if not start:
         return "the file is empty"
-    if magic != ZIP_MAGIC:
-        return None
+    if start.startswith(ZIP_MAGIC):
+        return _zip_damage(path)
+    if start.startswith(PICKLE_PROTOCOL):
+        return _pickle_damage(path)
+    return f"it is neither a torch.save file nor a safetensors file: it begins {start!r}"
+
+
+def _zip_damage(path: Path) -> str | None:
     try:
-        zipfile.ZipFile(path).close()
+        with zipfile.ZipFile(path) as archive:
+            failed = archive.testzip()
     except zipfile.BadZipFile:
         return "the zip directory that torch.save writes at its end is missing or unreadable"
+    if failed is not None:
+        return f"its part {failed} fails its CRC-32 check: bytes in it changed after it was written"
     return None
 
 
-def _checkpoint_overlay(checkpoint: str | Path) -> dict[str, str]:
+def _pickle_damage(path: Path) -> str | None:
+    # argparse.Namespace is allowed as timm's loader allows it: old timm training checkpoints record their arguments.
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        # A stream cut short fails wherever the unpickler or torch's storage reader meets its end (EOFError,
+        # IndexError, struct.error, RuntimeError, a name cut short read as an unknown global); this load does nothing
+        # but read the file, so whatever it raises is the file's.
+        return one_line(err)
+    return None
+
+
+def checked_checkpoint(checkpoint: str | Path) -> Path:
+    """The local weights file `checkpoint` (the `model.checkpoint` setting), refused with a `ModelConfigError` that
+    says what to do when it is missing, truncated or damaged (`weights_file_damage`)."""
     path = Path(checkpoint).expanduser()
     if not path.is_file():
         raise ModelConfigError(
@@ -89,7 +121,7 @@ def _checkpoint_overlay(checkpoint: str | Path) -> dict[str, str]:
             f"model.checkpoint={str(checkpoint)!r} is truncated or damaged ({damage}); download or copy the weights "
             "file again"
         )
-    return {"file": str(path.resolve())}
+    return path
 
 
 def _check_checkpoint_fits(model: nn.Module, checkpoint: str | Path) -> None:
@@ -132,7 +164,7 @@ def build_model(
     _check_name(name)
     create_kwargs = dict(kwargs or {})
     if checkpoint is not None:
-        create_kwargs["pretrained_cfg_overlay"] = _checkpoint_overlay(checkpoint)
+        create_kwargs["pretrained_cfg_overlay"] = {"file": str(checked_checkpoint(checkpoint).resolve())}
         pretrained = True
     try:
         with _hub_cache_only_when_unreachable(name, pretrained and checkpoint is None):

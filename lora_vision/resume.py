@@ -163,14 +163,11 @@ def resume_path(value: Any, last: Path) -> Path | None:
         return None
     if value is True:
         if last.is_file():
-            log.info("resuming from %s", last)
             return check_resumable(last)
         log.info("resume=true: no %s yet, starting fresh", last)
         return None
     if isinstance(value, str) and Path(value).expanduser().is_file():
-        path = Path(value).expanduser()
-        log.info("resuming from %s", path)
-        return check_resumable(path)
+        return check_resumable(Path(value).expanduser())
     raise ConfigError(
         f"resume={value!r} is invalid: expected true (resume from {last} when it exists), false, "
         "or the path of an existing checkpoint file"
@@ -181,10 +178,11 @@ def check_resumable(checkpoint: Path) -> Path:
     """`checkpoint`, refused with what to do instead when the file is truncated or damaged.
 
     Lightning would load it only inside `trainer.fit`, after the data and model are set up, and fail there with a
-    traceback; the file's index (`lora_vision.models.weights_file_damage`) tells before, without a second load.
+    traceback; `lora_vision.models.weights_file_damage` tells before.
     """
     damage = weights_file_damage(checkpoint)
     if damage is None:
+        log.info("resuming from %s", checkpoint)
         return checkpoint
     others = sorted(p.name for p in checkpoint.parent.glob("*.ckpt") if p != checkpoint)
     found = f" ({checkpoint.parent} also holds {', '.join(others)})" if others else ""

@@ -38,6 +38,7 @@ from lora_vision.builders import (
     build_trainer,
     check_num_classes,
     instantiate_all,
+    use_allocated_cpus,
 )
 from lora_vision.callbacks import FiniteLoss, TrainThroughput, ended_by
 from lora_vision.cli import checked_command_line
@@ -50,7 +51,7 @@ from lora_vision.config_checks import (
     warn_slow_options,
 )
 from lora_vision.errors import MissingInputError, UserError, exit_with_message, full_traceback_requested
-from lora_vision.models import model_data_config, model_label, route_hub_logs_to_root
+from lora_vision.models import checked_checkpoint, model_data_config, model_label, route_hub_logs_to_root
 from lora_vision.module import Classifier
 from lora_vision.multitask.config import is_multitask
 from lora_vision.multitask.run import run_multitask
@@ -275,11 +276,15 @@ def save_run_adapter(
 
 
 def check_run(cfg: DictConfig) -> Objective:
-    """Every check that needs no model or data: the output directory, the values, the keys, the accelerator, the
-    objective (which the checkpoint and early-stopping callbacks must rank epochs by); returns the objective."""
+    """Every check that needs no model or data: the output directory, the values, the base weights file, the keys,
+    the accelerator, the objective (which the checkpoint and early-stopping callbacks must rank epochs by); returns
+    the objective."""
     check_data_keys(cfg)
     check_output_dir(cfg.paths.output_dir)
     check_config(cfg)
+    if cfg.model.checkpoint is not None:
+        # Before a previous attempt is set aside and data is extracted, which can take minutes.
+        checked_checkpoint(cfg.model.checkpoint)
     if HydraConfig.initialized():
         hydra_cfg = HydraConfig.get()
         check_appended_keys(hydra_cfg.overrides.task, hydra_cfg.runtime.choices, cfg)
@@ -338,6 +343,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             set_aside(run_dir)
         elif retest:
             keep_record(run_dir)
+    use_allocated_cpus()
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg.data)
     num_classes = cfg.model.num_classes or datamodule.num_classes

@@ -33,6 +33,7 @@ LONG_FILES = {
     "test_bench.py": 87,
     "test_multitask.py": 81,
     "test_sweep.py": 78,
+    "test_damaged_files.py": 77,
     "test_sweep_load.py": 60,
     "test_vtab1k.py": 49,
     "test_data_real.py": 48,

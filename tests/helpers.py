@@ -142,13 +142,14 @@ FAST = ("+exp=smoke", "trainer.max_epochs=1", "data.num_samples=64", "data.num_t
 
 
 def launch(
-    out: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 300
+    out: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 300, module: str = "lora_vision.train"
 ) -> subprocess.CompletedProcess:
-    """`python -m lora_vision.train ARGS` run from `out`, offline, with W&B files kept in `out`."""
+    """`python -m MODULE ARGS` (the training command unless `module` names another) run from `out`, offline, with
+    W&B files kept in `out`."""
     out.mkdir(parents=True, exist_ok=True)
     offline = {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(out)}
     return subprocess.run(
-        [sys.executable, "-m", "lora_vision.train", *args],
+        [sys.executable, "-m", module, *args],
         cwd=out,
         env={**os.environ, **offline, **(env or {})},
         capture_output=True,

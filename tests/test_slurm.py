@@ -135,7 +135,7 @@ def test_a_job_at_its_time_limit_is_signalled_requeued_and_ends_as_an_uninterrup
     calibration = multirun(tmp_path / "calibration", *SLURM, *LONG, "trainer.max_epochs=20")
     assert calibration.returncode == 0, calibration.stderr[-3000:]
     per_epoch = json.loads((tmp_path / "calibration" / "0" / "results.json").read_text())["wall_time_s"] / 20
-    epochs = f"trainer.max_epochs={max(40, math.ceil(80 / per_epoch))}"
+    epochs = f"trainer.max_epochs={max(5, math.ceil(80 / per_epoch))}"
     limited = ("hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=10", "hydra.launcher.max_num_timeout=10")
     reference = multirun(tmp_path / "reference", *SLURM, *LONG, epochs, timeout=900)
     assert reference.returncode == 0, reference.stderr[-3000:]

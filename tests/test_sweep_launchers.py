@@ -8,7 +8,9 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
+from lora_vision.builders import use_allocated_cpus
 from tests.helpers import FAST, launch, multirun, records
 
 
@@ -55,3 +57,21 @@ def test_ddp_that_relaunches_the_script_is_refused_in_a_multirun(tmp_path: Path)
     assert record["status"] == "failed"
     assert "trainer.strategy=ddp with trainer.devices=2 re-runs the command line" in record["error"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["multirun"]  # no second sweep started by a copy
+
+
+@pytest.mark.parametrize(("omp", "expected"), [(None, 1), ("2", None)])
+def test_a_slurm_job_computes_on_the_cpus_it_was_given(
+    monkeypatch: pytest.MonkeyPatch, omp: str | None, expected: int | None
+) -> None:
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # as on a node of two cores or more
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
+    if omp is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)  # the user's choice stands
+    try:
+        use_allocated_cpus()
+        assert torch.get_num_threads() == (2 if expected is None else expected)
+    finally:
+        torch.set_num_threads(before)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from lora_vision.adapters.errors import AdapterFormatError, AdapterMismatchError, BaseWeightsMismatchError
 from lora_vision.adapters.fingerprint import architecture, check_base, structure_fingerprint
-from lora_vision.adapters.record import method_record, read_meta
+from lora_vision.adapters.record import check_value_types, method_record, read_meta
 from lora_vision.adapters.tensors import adapter_keys, adapter_state
 from lora_vision.errors import MissingInputError, one_line
 from lora_vision.lora import ParameterSummary, named_lora_layers
@@ -56,6 +56,23 @@ REQUIRED_KEYS = (
     "method",
     "all_batchnorm_stats",
 )
+# The JSON types of what loading reads from adapter.json, beyond the method record (checked by rebuilding the method).
+RECORD_TYPES: dict[str, tuple[type, ...]] = {
+    "model_name": (str,),
+    "architecture": (str,),
+    "model_kwargs": (dict,),
+    "num_classes": (int,),
+    "base_fingerprint": (str,),
+    "base_structure": (str,),
+    "base_source": (dict,),
+    "all_batchnorm_stats": (bool,),
+    "data": (dict, type(None)),
+}
+BASE_SOURCE_TYPES: dict[str, tuple[type, ...]] = {
+    "pretrained": (bool,),
+    "checkpoint": (str, type(None)),
+    "seed": (int, type(None)),
+}
 
 
 def _layer_summary(model: nn.Module) -> list[dict[str, Any]]:
@@ -144,13 +161,16 @@ def adapter_directory(path: str | Path) -> Path:
 def read_adapter_record(file: Path) -> dict[str, Any]:
     """An adapter record (`adapter.json`, or its copy beside a PEFT export), checked and in the current format.
 
-    An `AdapterFormatError` naming `file` for another format or version, a missing key or a method record that does
-    not name a known method with valid settings. A version-1 record comes back converted to the current version.
+    An `AdapterFormatError` naming `file` for another format or version, a missing key, a value of another type or a
+    method record that does not name a known method with valid settings. A version-1 record comes back converted to
+    the current version.
     """
     meta = read_meta(file, FORMAT, READABLE_VERSIONS)
     missing = [key for key in REQUIRED_KEYS if key not in meta]
     if missing:
         raise AdapterFormatError(f"{file}: the adapter record lacks {', '.join(missing)}")
+    check_value_types(meta, RECORD_TYPES, file)
+    check_value_types(meta["base_source"], BASE_SOURCE_TYPES, file, "base_source.")
     return {
         **meta,
         "format_version": FORMAT_VERSION,

@@ -45,6 +45,29 @@ def read_meta(file: Path, kind: str, versions: Collection[int]) -> dict[str, Any
     return meta
 
 
+# How a message names each JSON type a record's value may need.
+JSON_TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", dict: "an object", type(None): "null"}
+
+
+def check_value_types(
+    record: Mapping[str, Any], types: Mapping[str, tuple[type, ...]], file: Path, key_prefix: str = ""
+) -> None:
+    """Refuse, with an `AdapterFormatError` naming `file` and the key, a value of `record` whose JSON type is not one
+    of those `types` gives for its key (an absent key counts as null).
+
+    A record damaged or edited into another type would otherwise fail far from it, inside model building. Types
+    compare exactly, as JSON gives them: `true` is no integer here, though Python's bool is an int.
+    """
+    for key, allowed in types.items():
+        value = record.get(key)
+        if type(value) not in allowed:
+            found = "is missing" if key not in record else f"is {json.dumps(value)}"
+            raise AdapterFormatError(
+                f"{file}: {key_prefix}{key} {found}, where {' or '.join(map(JSON_TYPE_NAMES.get, allowed))} is "
+                "expected; if this is a damaged or edited copy, copy it again from where it was made"
+            )
+
+
 def _from_v1(method: Any, file: Path) -> dict[str, Any]:
     """A version-1 method record (`{"_target_": class path, **settings}`) as ``{"name", "settings"}``."""
     target = method.get("_target_") if isinstance(method, Mapping) else None

@@ -25,9 +25,10 @@ from lora_vision.errors import one_line
 
 MARKER_NAME = ".lora_vision_extracted.json"
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
-# What reading a cut-short or corrupted archive raises: tarfile's own error, or the decompressor's. Not
-# tarfile.FilterError (an unsafe member, refused as it is) and not OSError (a full disk while extracting).
-DAMAGED_ARCHIVE_ERRORS = (tarfile.ReadError, EOFError, zlib.error, lzma.LZMAError)
+# What reading a cut-short or corrupted archive raises: tarfile's own error, or the decompressor's (gzip's
+# BadGzipFile and bz2's "Invalid data stream" are OSErrors, see `_archive_damaged`). Not tarfile.FilterError (an
+# unsafe member, refused as it is).
+ARCHIVE_READ_ERRORS = (tarfile.ReadError, EOFError, zlib.error, lzma.LZMAError, OSError)
 
 
 def archive_stem(archive: str | os.PathLike[str]) -> str:
@@ -37,6 +38,15 @@ def archive_stem(archive: str | os.PathLike[str]) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
+
+
+def _archive_damaged(err: BaseException) -> bool:
+    """Whether `err`, one of ARCHIVE_READ_ERRORS, says that the archive is cut short or corrupt.
+
+    The decompressors' OSErrors carry no errno; an error of the file system (a full disk while extracting, a
+    permission) carries one, and is not the archive's fault.
+    """
+    return not isinstance(err, OSError) or err.errno is None
 
 
 def extract_archive(archive: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path:
@@ -51,8 +61,14 @@ def extract_archive(archive: str | os.PathLike[str], dest: str | os.PathLike[str
         raise DatasetNotFoundError(
             f"archive {archive} does not exist (or is not a file); point data.archive at a tar of the dataset"
         )
-    if not tarfile.is_tarfile(archive):
-        # A compressed tar cut short can fail here already, before any member is read.
+    try:
+        is_tar = tarfile.is_tarfile(archive)
+    except ARCHIVE_READ_ERRORS as err:
+        # A compressed tar cut short inside its first header fails here, where is_tarfile reads that header.
+        if not _archive_damaged(err):
+            raise
+        is_tar = False
+    if not is_tar:
         raise DatasetFormatError(
             f"{archive} is not a tar archive, or is truncated or corrupt; expected a whole tar file such as "
             f"{', '.join(TAR_SUFFIXES)}: copy it again if it is one"
@@ -86,7 +102,9 @@ def _extract(archive: Path, tmp: Path) -> None:
     try:
         with tarfile.open(archive) as tar:
             tar.extractall(tmp, filter="data")
-    except DAMAGED_ARCHIVE_ERRORS as err:
+    except ARCHIVE_READ_ERRORS as err:
+        if not _archive_damaged(err):
+            raise
         raise DatasetFormatError(
             f"{archive} is truncated or corrupt: extracting it failed ({one_line(err)}); copy or download it again "
             "(its size should match the original's), then rerun"
