@@ -298,15 +298,14 @@ def test_a_continued_search_draws_new_points_and_the_report_names_the_seed(tmp_p
     assert "Optuna search (optimization_results.yaml): sampler TPESampler, seed 0; each trial drew" in report
 
 
-def lost_trial(sweep_dir: Path, rank: int, beaten: float) -> int:
-    """Start a trial of the study as a worker would, drawing `rank`, last beating at `beaten`, and leave it running
-    as a worker killed outright does; its number."""
+def running_trial(sweep_dir: Path, rank: int, beaten: float) -> optuna.Trial:
+    """Start a trial of the study as a worker would, drawing `rank`, its last beat at `beaten`."""
     lost = study(sweep_dir)
     lost.enqueue_trial({"lora.rank": rank})
     trial = lost.ask()
     trial.suggest_categorical("lora.rank", [2, 4])
     trial.set_user_attr(BEAT_ATTR, beaten)
-    return trial.number
+    return trial
 
 
 @pytest.mark.slow
@@ -315,25 +314,49 @@ def test_a_trial_whose_worker_is_lost_runs_again_with_its_parameters(tmp_path: P
     search = ("+sweep=optuna", "lora.targets=qv", "lora.rank=choice(2,4)", "optim.lr=1e-3", "lora.alpha=8")
     first = multirun(sweep_dir, *search, "hydra.sweeper.n_trials=1")
     assert first.returncode == 0, first.stderr[-3000:]
-    # Two workers lost: one long ago, one a moment ago (within its grace period until the other trials are done).
-    gone = lost_trial(sweep_dir, 2, beaten=time.time() - 3600)
-    recent = lost_trial(sweep_dir, 4, beaten=time.time())
-    beats = ("hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=25")
-    again = multirun(sweep_dir, *search, "hydra.sweeper.n_trials=4", *beats)
-    assert again.returncode == 0, again.stderr[-3000:]
+    # Two other workers: one lost an hour ago, one alive (this test beats for it) until the search has nothing left
+    # to claim and waits for it; then it is lost too.
+    gone = running_trial(sweep_dir, 2, beaten=time.time() - 3600).number
+    alive = running_trial(sweep_dir, 4, beaten=time.time())
+    lost = threading.Event()
+
+    def beat() -> None:
+        while not lost.wait(0.5):
+            alive.set_user_attr(BEAT_ATTR, time.time())
+
+    beater = threading.Thread(target=beat, daemon=True)
+    beater.start()
+    beats = ("hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=3")
+    command = [sys.executable, "-m", "lora_vision.train", "-m", *FAST, *search, "hydra.sweeper.n_trials=3", *beats]
+    log_file = tmp_path / "search.log"
+    with log_file.open("w") as log_out:
+        worker = subprocess.Popen(
+            [*command, f"hydra.sweep.dir={sweep_dir}"],
+            cwd=tmp_path,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)},
+            stdout=log_out,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 180
+        while "still running elsewhere: waiting for them" not in log_file.read_text():
+            assert time.monotonic() < deadline and worker.poll() is None, log_file.read_text()[-3000:]
+            time.sleep(0.2)
+        lost.set()
+        beater.join()
+        assert worker.wait(timeout=180) == 0, log_file.read_text()[-3000:]
+    log = log_file.read_text()
     trials = study(sweep_dir).trials
-    # The stale trial ran again at once; the search then waited for the recent one to go stale and ran it again:
-    # four trials completed, the lost two failed and no longer count, none is left running.
-    assert [t.state for t in trials if t.number in (gone, recent)] == [TrialState.FAIL] * 2
+    # The stale trial ran again at once; the one whose beats stopped ran again once silent for 3 s: three trials
+    # completed, the lost two failed and no longer count, none is left running.
+    assert [t.state for t in trials if t.number in (gone, alive.number)] == [TrialState.FAIL] * 2
     reruns = {t.user_attrs[RERUN_ATTR]: t for t in trials if RERUN_ATTR in t.user_attrs}
-    assert sorted(reruns) == [gone, recent]
-    assert reruns[gone].params == {"lora.rank": 2} and reruns[recent].params == {"lora.rank": 4}
+    assert sorted(reruns) == [gone, alive.number]
+    assert reruns[gone].params == {"lora.rank": 2} and reruns[alive.number].params == {"lora.rank": 4}
     assert all(t.state == TrialState.COMPLETE for t in reruns.values())
-    assert sum(t.state == TrialState.COMPLETE for t in trials) == 4 and len(trials) == 6
-    assert started(study(sweep_dir)) == 4
-    log = again.stdout + again.stderr
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 3 and len(trials) == 5
+    assert started(study(sweep_dir)) == 3
     assert f"trial {gone}: its worker was lost: no heartbeat for" in log
-    assert "still running elsewhere: waiting for them" in log
+    assert f"trial {alive.number}: its worker was lost: no heartbeat for" in log
     # A rerun trial runs in a directory of its own; the lost trials' directories were never written.
     assert {r["trial"] for r in records(sweep_dir).values()} == {
         t.number for t in trials if t.state == TrialState.COMPLETE

@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 TRIAL_KEY = "trial"
 # The user attribute that marks a trial a worker started over the budget and never ran (see `claim`).
 SURPLUS_ATTR = "over_budget"
+# Seconds between a waiting worker's looks at the study: it ends soon after the last trial does, and a look is one
+# read of the storage.
+WAIT_POLL_S = 2.0
 # How the sweeper names itself in an error message.
 PROG = "optuna sweeper"
 
@@ -324,8 +327,8 @@ class OptunaSweeper(Sweeper):
         self.write_results(study)
 
     def wait_for_others(self, study: optuna.Study) -> bool:
-        """With the budget spent and trials still running in other workers: wait one heartbeat interval and say
-        so (True), since a trial whose worker is lost runs again here. False when no trial is running."""
+        """With the budget spent and trials still running in other workers: wait a moment and say so (True), since
+        a trial whose worker is lost runs again here. False when no trial is running."""
         if not self.storage or not (count := running(study)):
             return False
         if count != self.waiting_for:
@@ -336,7 +339,7 @@ class OptunaSweeper(Sweeper):
                 count,
                 self.grace_period,
             )
-        time.sleep(self.heartbeat_interval)
+        time.sleep(min(self.heartbeat_interval, WAIT_POLL_S))
         return True
 
     def claim(self, study: optuna.Study, space: dict[str, BaseDistribution]) -> optuna.Trial | None:
