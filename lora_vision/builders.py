@@ -117,9 +117,8 @@ def use_allocated_cpus() -> None:
     `OMP_NUM_THREADS` says otherwise.
 
     torch starts one thread per core of the node. Where the cluster does not bind a job to its CPUs (no cgroup or
-    affinity task plugin), jobs sharing a node then run more threads than it has cores, and OpenMP's spinning
-    barriers make that far slower than the share it takes: on 2 cores beside another busy process, a 300-epoch
-    smoke run took 144 s with one thread and over 270 s with two.
+    affinity task plugin), jobs sharing a node then run more threads than it has cores, and each parallel region of
+    a job waits at OpenMP's barrier for its threads that another job has pushed off the cores.
     """
     cpus = os.environ.get("SLURM_CPUS_PER_TASK")
     if cpus is not None and cpus.isdigit() and int(cpus) > 0 and "OMP_NUM_THREADS" not in os.environ:

@@ -10,6 +10,7 @@ SLURM and names the launcher settings to check, with exit status 2 (`lora_vision
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -53,6 +54,12 @@ def refusal_of(params: Mapping[str, Any], jobs: int) -> str | None:
     submitit writes for it; None when it could."""
     import submitit
     from submitit.slurm.slurm import _make_sbatch_string  # the script submitit itself submits
+
+    if shutil.which("sbatch") is None or shutil.which("srun") is None:  # else submitit raises a bare RuntimeError
+        raise SlurmSubmissionError(
+            "hydra/launcher=slurm submits with sbatch and srun, which are not on this machine's PATH: run the command "
+            "on a SLURM login node, or leave hydra/launcher out to run the jobs here"
+        )
 
     with tempfile.TemporaryDirectory() as folder:
         executor = submitit.AutoExecutor(cluster="slurm", folder=folder)

@@ -276,15 +276,11 @@ def save_run_adapter(
 
 
 def check_run(cfg: DictConfig) -> Objective:
-    """Every check that needs no model or data: the output directory, the values, the base weights file, the keys,
-    the accelerator, the objective (which the checkpoint and early-stopping callbacks must rank epochs by); returns
-    the objective."""
+    """Every check that needs no model or data: the output directory, the values, the keys, the accelerator, the
+    objective (which the checkpoint and early-stopping callbacks must rank epochs by); returns the objective."""
     check_data_keys(cfg)
     check_output_dir(cfg.paths.output_dir)
     check_config(cfg)
-    if cfg.model.checkpoint is not None:
-        # Before a previous attempt is set aside and data is extracted, which can take minutes.
-        checked_checkpoint(cfg.model.checkpoint)
     if HydraConfig.initialized():
         hydra_cfg = HydraConfig.get()
         check_appended_keys(hydra_cfg.overrides.task, hydra_cfg.runtime.choices, cfg)
@@ -336,6 +332,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if finished(previous) and cfg.resume is True and cfg.rerun == "report":
         log.info(describe_finished(previous, run_dir))
         return previous
+    # The base weights file, checked once a finished run has been reported (which needs no weights), and before a
+    # previous attempt is set aside and data is extracted, which can take minutes.
+    if cfg.model.checkpoint is not None:
+        checked_checkpoint(cfg.model.checkpoint)
     # Testing a finished run again: its record is kept beside the new one, and left in place should the test fail.
     retest = finished(previous) and cfg.resume is not False
     if rank_zero_only.rank == 0:

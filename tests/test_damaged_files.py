@@ -241,14 +241,22 @@ def test_a_damaged_model_checkpoint_names_the_option_and_the_fix(
 
 def test_training_refuses_a_damaged_model_checkpoint_before_it_sets_anything_aside(tmp_path: Path) -> None:
     weights = write_weights(tmp_path / "w.safetensors")
-    cut_short(weights)
     run_dir = tmp_path / "run"
-    (run_dir / "checkpoints").mkdir(parents=True)  # an earlier attempt, which resume=false would move aside
-    done = launch(tmp_path, *FAST, f"model.checkpoint={weights}", "resume=false", f"hydra.run.dir={run_dir}")
+    command = (*FAST, f"model.checkpoint={weights}", f"hydra.run.dir={run_dir}")
+    trained = launch(tmp_path, *command)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    record = (run_dir / "results.json").read_bytes()
+    cut_short(weights)
+    # The finished run is still reported: reporting needs no weights.
+    again = launch(tmp_path, *command)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "holds a finished run (status completed" in again.stdout + again.stderr
+    # Training it again needs them: refused before the finished attempt is moved aside.
+    done = launch(tmp_path, *command, "resume=false")
     err = refused(done, weights)
     assert f"python -m lora_vision.train: error: model.checkpoint={str(weights)!r} is truncated or damaged (" in err
     assert "download or copy the weights file again" in err
-    assert not list(run_dir.glob("previous-*")) and not (run_dir / "results.json").exists()
+    assert not list(run_dir.glob("previous-*")) and (run_dir / "results.json").read_bytes() == record
 
 
 # --- resuming from a damaged checkpoint ----------------------------------------------------------------------------

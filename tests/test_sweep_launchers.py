@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,17 @@ def test_a_slurm_job_computes_on_the_cpus_it_was_given(
         assert torch.get_num_threads() == (2 if expected is None else expected)
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_slurm_launcher_without_sbatch_is_one_message_and_runs_nothing(tmp_path: Path) -> None:
+    # PATH holds only the Python that runs the command, so no sbatch can be found.
+    python_only = str(Path(sys.executable).parent)
+    sweep_dir = tmp_path / "slurm"
+    done = launch(
+        tmp_path, "-m", *FAST, "hydra/launcher=slurm", f"hydra.sweep.dir={sweep_dir}", env={"PATH": python_only}
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    message = done.stderr.strip().splitlines()[-1]
+    assert message.startswith("slurm launcher: error: hydra/launcher=slurm submits with sbatch and srun, which are not")
+    assert not list(sweep_dir.glob("*/results.json"))

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ def beating(trials: list[optuna.Trial], interval_s: float) -> Iterator[None]:
             for trial in trials:
                 try:
                     beat(trial)
+                except UpdateFinishedTrialError:
+                    pass  # a job that pruned itself has told its trial: it needs no more beats
                 except Exception as err:  # a storage hiccup must not end the worker: the next beat may pass
                     log.warning("heartbeat of trial %d not recorded: %s", trial.number, err)
 
