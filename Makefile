@@ -45,9 +45,10 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check lora_vision tests
 
 # Test files run side by side, one worker process per core (pytest-xdist), each file on one worker so that its
-# module fixtures are built once; tests/conftest.py gives each worker its share of the cores.
+# module fixtures are built once; tests/conftest.py gives each worker its share of the cores and hands out the files
+# longest first, an order pytest-xdist would replace with "most tests first" without --no-loadscope-reorder.
 test: lint
-	$(BIN)/python -m pytest -q -n auto --dist loadfile -m "not slurm"
+	$(BIN)/python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder -m "not slurm"
 
 # The tests against a SLURM cluster alone (tests/test_slurm.py): start the one-node test cluster first with
 # tests/slurm/cluster.sh start (as root; .ci/run does); without one they skip, with the reason.

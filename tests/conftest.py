@@ -21,31 +21,32 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(threads)
 
 
-# Seconds of test time per file where it is over 30 (the sum of its tests' durations in one `make test`, from
-# `pytest --junitxml`, on 2 cores of an AMD EPYC with the other core busy: about twice an idle machine's).
+# Seconds of test time per file where it is over 10 (the sum of its tests' durations in one `make test`, from
+# `pytest --junitxml`, on 2 cores of an AMD EPYC with nothing else running).
 LONG_FILES = {
-    "test_search.py": 393,
-    "test_config.py": 270,
-    "test_train_real_data.py": 198,
-    "test_train.py": 133,
-    "test_sweep_launchers.py": 125,
-    "test_resume.py": 123,
-    "test_bench.py": 87,
-    "test_multitask.py": 81,
-    "test_sweep.py": 78,
-    "test_damaged_files.py": 77,
-    "test_sweep_load.py": 60,
-    "test_vtab1k.py": 49,
-    "test_data_real.py": 48,
-    "test_command_line.py": 41,
-    "test_peft_format.py": 38,
+    "test_search.py": 141,
+    "test_train_real_data.py": 98,
+    "test_config.py": 78,
+    "test_damaged_files.py": 44,
+    "test_sweep_launchers.py": 44,
+    "test_bench.py": 37,
+    "test_train.py": 30,
+    "test_resume.py": 27,
+    "test_multitask.py": 23,
+    "test_sweep_load.py": 18,
+    "test_sweep.py": 18,
+    "test_vtab1k.py": 15,
+    "test_command_line.py": 14,
+    "test_peft_format.py": 12,
 }
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # The longest files first, then those with the most slow tests, each file's tests kept together: `make test`
-    # hands whole files to its workers in this order, and starting the longest first keeps one worker from
-    # finishing long after the other (it did by two minutes when only the slow tests were counted).
+    # hands whole files to its workers in this order (--no-loadscope-reorder: pytest-xdist's own order, most tests
+    # first, left the two longest-running files, of one and two tests, to the end), and starting the longest first
+    # keeps one worker from finishing long after the other (it did by two minutes when only the slow tests were
+    # counted).
     slow = Counter(item.path for item in items if item.get_closest_marker("slow"))
     items.sort(key=lambda item: (-LONG_FILES.get(item.path.name, 0), -slow[item.path]))
 

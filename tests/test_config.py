@@ -252,9 +252,12 @@ def sweep_jobs(exp: str, sweep: str) -> list[list[str]]:
 
 
 @functools.cache
-def random_init_model(name: str, num_classes: int, image_size: int) -> torch.nn.Module:
+def shapes_only_model(name: str, num_classes: int, image_size: int) -> torch.nn.Module:
+    """The backbone on the meta device: its layers and shapes, all that matching targets and counting adapters read,
+    without the seconds a ViT-B/16's random initialisation and each job's copy of it take."""
     kwargs = {"img_size": image_size} if name.startswith("vit") else {}
-    return build_model(name, num_classes=num_classes, pretrained=False, kwargs=kwargs)
+    with torch.device("meta"):
+        return build_model(name, num_classes=num_classes, pretrained=False, kwargs=kwargs)
 
 
 def test_every_sweep_is_tested_with_its_experiment() -> None:
@@ -272,7 +275,7 @@ def test_every_job_of_a_named_sweep_composes_and_applies_to_its_model(sweep: str
             check_config(cfg)
             method = build_method(cfg.lora)
             # The target presets must match layers of the experiment's backbone, not just parse (any head size will do).
-            model = copy.deepcopy(random_init_model(cfg.model.name, 100, cfg.data.image_size))
+            model = copy.deepcopy(shapes_only_model(cfg.model.name, 100, cfg.data.image_size))
             summary = method.apply(model)
             assert summary.trainable > 0
             described.append({**method.describe(), "task": cfg.data.get("task"), "adapter": summary.adapter_params})

@@ -8,6 +8,8 @@ also given to the command a user runs (`python -m ...` in a subprocess), whose o
 from __future__ import annotations
 
 import errno
+import json
+import logging
 import random
 import re
 import shutil
@@ -36,7 +38,8 @@ from lora_vision.export import main as export_main
 from lora_vision.methods import LoRA
 from lora_vision.models import ModelConfigError, build_model
 from lora_vision.resume import LAST_CHECKPOINT, AtomicCheckpointIO, ResumeCheckpoint, requested_checkpoint
-from tests.helpers import FAST, VIT_KWARGS, adapted, launch, rewrite_record, tiny_vit
+from lora_vision.train import run
+from tests.helpers import FAST, VIT_KWARGS, adapted, composed, launch, rewrite_record, tiny_vit
 
 VIT = "vit_small_patch16_224"
 
@@ -239,20 +242,23 @@ def test_a_damaged_model_checkpoint_names_the_option_and_the_fix(
     assert "download or copy the weights file again" in str(err.value)
 
 
-def test_training_refuses_a_damaged_model_checkpoint_before_it_sets_anything_aside(tmp_path: Path) -> None:
+def test_training_refuses_a_damaged_model_checkpoint_before_it_sets_anything_aside(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     weights = write_weights(tmp_path / "w.safetensors")
     run_dir = tmp_path / "run"
-    command = (*FAST, f"model.checkpoint={weights}", f"hydra.run.dir={run_dir}")
-    trained = launch(tmp_path, *command)
-    assert trained.returncode == 0, trained.stderr[-3000:]
+    # The finished run, trained and then reported in this process; the command refusing to train it again (below)
+    # is the one a user runs.
+    with composed(*FAST, f"model.checkpoint={weights}", output_dir=run_dir) as cfg:
+        assert run(cfg)["status"] == "completed"
     record = (run_dir / "results.json").read_bytes()
     cut_short(weights)
     # The finished run is still reported: reporting needs no weights.
-    again = launch(tmp_path, *command)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "holds a finished run (status completed" in again.stdout + again.stderr
+    with composed(*FAST, f"model.checkpoint={weights}", output_dir=run_dir) as cfg, caplog.at_level(logging.INFO):
+        assert run(cfg) == json.loads(record)
+    assert "holds a finished run (status completed" in caplog.text
     # Training it again needs them: refused before the finished attempt is moved aside.
-    done = launch(tmp_path, *command, "resume=false")
+    done = launch(tmp_path, *FAST, f"model.checkpoint={weights}", f"hydra.run.dir={run_dir}", "resume=false")
     err = refused(done, weights)
     assert f"python -m lora_vision.train: error: model.checkpoint={str(weights)!r} is truncated or damaged (" in err
     assert "download or copy the weights file again" in err

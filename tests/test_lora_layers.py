@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from timm.layers import Conv2dSame
 from torch import nn
 
-from lora_vision.lora import LoRAConfigError, LoRAConv2d, LoRALinear
+from lora_vision.lora import LoRAConfigError, LoRAConv2d, LoRALinear, fused_conv
 from tests.helpers import composed_forward, randomize_adapters
 
 CONVS = {
@@ -202,3 +202,94 @@ def test_fused_node_refuses_a_trainable_base_weight() -> None:
     # The layer itself takes the composed path then, so the base weight still gets its gradient.
     layer(torch.randn(3, 4)).sum().backward()
     assert layer.base.weight.grad is not None
+
+
+def _conv_results(layer: LoRAConv2d, x: torch.Tensor, forward) -> tuple[torch.Tensor | None, ...]:
+    """Output, and the gradients of x, A and B for a fixed output gradient, through `forward`."""
+    out = forward(x)
+    out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+    results = (out.detach(), x.grad, layer.lora_A.grad, layer.lora_B.grad)
+    x.grad = layer.lora_A.grad = layer.lora_B.grad = None
+    return results
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["NCHW", "channels-last"])
+@pytest.mark.parametrize(
+    "fold", [(False, False), (True, True), (True, False), (False, True)], ids=["add", "fold", "fold-fwd", "fold-bwd"]
+)
+@pytest.mark.parametrize("kind", list(CONVS))
+def test_fused_conv_node_matches_the_composed_ops(kind: str, fold, layout, monkeypatch) -> None:
+    # Which pass folds the update into the kernel depends on the shapes; each combination is forced here.
+    monkeypatch.setattr(fused_conv, "_fold", lambda x, weight, positions: fold)
+    layer = LoRAConv2d(CONVS[kind](), rank=3, alpha=2.0)
+    randomize_adapters(layer, std=0.5)
+    x = torch.randn(2, layer.base.in_channels, 13, 11).to(memory_format=layout).requires_grad_(True)
+    fused = _conv_results(layer, x, layer)
+    composed = _conv_results(layer, x, lambda x: composed_forward(layer, x))
+    assert type(layer(x).grad_fn).__name__ == "_Conv2dWithLowRankBackward"
+    for ours, reference in zip(fused, composed, strict=True):
+        torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-4)
+
+
+def test_fused_conv_node_skips_the_input_gradient_nothing_needs() -> None:
+    layer = LoRAConv2d(CONVS["7x7 stem, stride 2"](), rank=3)
+    randomize_adapters(layer)
+    x = torch.randn(2, 3, 16, 16)
+    fused = _conv_results(layer, x, layer)
+    composed = _conv_results(layer, x, lambda x: composed_forward(layer, x))
+    assert fused[1] is None
+    for ours, reference in zip(fused[2:], composed[2:], strict=True):
+        torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("make", "node"),
+    [
+        (lambda: LoRAConv2d(CONVS["3x3"](), rank=3, dropout=0.5).train(), False),
+        (lambda: LoRAConv2d(CONVS["3x3"](), rank=3, dropout=0.5).eval(), True),
+        (lambda: LoRAConv2d(nn.Conv2d(8, 16, 4, padding="same"), rank=3), False),
+        (lambda: LoRAConv2d(CONVS["3x3"](), rank=3, dora=True), False),
+    ],
+    ids=["dropout in training", "dropout in eval", "uneven same padding", "DoRA"],
+)
+def test_conv_layers_the_node_cannot_compute_take_the_composed_path(make, node: bool) -> None:
+    layer = make()
+    randomize_adapters(layer)
+    x = torch.randn(2, 8, 9, 9, requires_grad=True)
+    torch.manual_seed(1)  # the same dropout mask for both
+    out = layer(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(out, composed_forward(layer, x), atol=1e-5, rtol=1e-5)
+    assert (type(out.grad_fn).__name__ == "_Conv2dWithLowRankBackward") == node
+
+
+@pytest.mark.parametrize(("kind", "node"), [("3x3", True), ("depthwise", False)])
+def test_conv_under_bf16_autocast_matches_the_composed_ops(kind: str, node: bool) -> None:
+    layer = LoRAConv2d(CONVS[kind](), rank=3)
+    randomize_adapters(layer, std=0.5)
+    x = torch.randn(2, 8, 12, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused, composed = layer(x), composed_forward(layer, x)
+    # A grouped conv would fold its update into a bf16 kernel, rounding it away: it keeps the composed path.
+    assert (type(fused.grad_fn).__name__ == "_Conv2dWithLowRankBackward") == node
+    assert fused.dtype == composed.dtype == torch.bfloat16
+    torch.testing.assert_close(fused, composed, atol=0.1, rtol=0.02)
+    fused.float().sum().backward()
+    assert layer.lora_A.grad.dtype == torch.float32 and layer.lora_B.grad.abs().sum() > 0
+
+
+def test_fused_conv_node_refuses_a_trainable_base_weight() -> None:
+    layer = LoRAConv2d(CONVS["3x3"](), rank=2)
+    layer.base.weight.requires_grad_(True)
+    layer(torch.randn(2, 8, 6, 6)).sum().backward()
+    assert layer.base.weight.grad is not None
+    with pytest.raises(ValueError, match="frozen"):
+        fused_conv.conv2d_with_low_rank(
+            torch.randn(1, 8, 6, 6),
+            layer.base.weight,
+            None,
+            layer.lora_A,
+            layer.lora_B,
+            1.0,
+            ((1, 1), (1, 1), (1, 1), 1),
+        )

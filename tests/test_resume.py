@@ -89,11 +89,17 @@ def checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)  # our own file
 
 
+def train_here(run_dir: Path) -> dict:
+    """The same run as `train`, in this process: the interrupted runs' processes are the ones under test."""
+    with composed(*RUN, output_dir=run_dir) as cfg:
+        return run(cfg)
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The uninterrupted run."""
     run_dir = tmp_path_factory.mktemp("resume") / "reference"
-    train(run_dir)
+    train_here(run_dir)
     return run_dir
 
 
@@ -126,7 +132,8 @@ def test_sigterm_saves_a_checkpoint_exits_and_resumes_to_identical_metrics(refer
     assert saved["global_step"] == 6  # saved on SIGTERM, mid-epoch 0 (no periodic checkpoint at step 6)
     assert json.loads((run_dir / "results.json").read_text())["status"] == "interrupted"
     assert not list((run_dir / "checkpoints").glob(".*.tmp"))
-    train(run_dir)
+    # Resumed in this process; the test above resumes with the command.
+    assert train_here(run_dir)["resumed_from"].endswith(LAST_CHECKPOINT)
     assert outcome(run_dir) == outcome(reference)
 
 

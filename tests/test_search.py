@@ -8,6 +8,7 @@ import contextlib
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -52,6 +53,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def study(sweep_dir: Path, name: str = "smoke", storage: str = "sqlite:///{}/optuna.db") -> optuna.Study:
     return load_study(storage.format(sweep_dir), name)
+
+
+def results_files(sweep_dir: Path) -> dict[str, Path]:
+    """results.json of every trial's run, by run directory name."""
+    return {path.parent.name: path for path in sweep_dir.glob("*/results.json")}
 
 
 def trial_params(sweep_dir: Path, name: str = "smoke") -> list[dict]:
@@ -126,17 +132,33 @@ def test_directions_and_returned_values_are_checked() -> None:
         objective_values(0.5, 2)
 
 
-def test_failed_trials_are_told_as_failed_and_the_best_is_found(tmp_path: Path) -> None:
-    sweep_dir = tmp_path / "optuna"
-    # With seed 3 two of the three trials draw rank 999, which fails while the adapters are applied.
-    trials = (
-        "hydra.sweeper.n_trials=3",
-        "hydra.sweeper.sampler.seed=3",
-        "lora.rank=choice(2,999)",
-        "objective.param_penalty=0.01",
-    )
-    done = multirun(sweep_dir, "+sweep=optuna", *trials)
+# With seed 3 two of the first three trials draw rank 999, which fails while the adapters are applied.
+FAILING_SEARCH = (
+    "+sweep=optuna",
+    "hydra.sweeper.sampler.seed=3",
+    "lora.rank=choice(2,999)",
+    "objective.param_penalty=0.01",
+)
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """The sweep directory of a search of three trials; a copy of it, which the same command with a budget of four
+    continued; and that launch. The continued search needs no search of its own to continue."""
+    root = tmp_path_factory.mktemp("searched")
+    first, continued = root / "first" / "optuna", root / "continued" / "optuna"
+    done = multirun(first, *FAILING_SEARCH, "hydra.sweeper.n_trials=3")
     assert done.returncode == 0, done.stderr[-3000:]
+    shutil.copytree(first, continued)  # the study's database is in the sweep directory
+    again = multirun(continued, *FAILING_SEARCH, "hydra.sweeper.n_trials=4")
+    assert again.returncode == 0, again.stderr[-3000:]
+    return first, continued, again
+
+
+def test_failed_trials_are_told_as_failed_and_the_best_is_found(
+    searched: tuple[Path, Path, subprocess.CompletedProcess],
+) -> None:
+    sweep_dir, _, _ = searched
     found = records(sweep_dir)
     # Each trial's run directory is its number.
     assert {name: r["trial"] for name, r in found.items()} == {"0": 0, "1": 1, "2": 2}
@@ -170,7 +192,7 @@ PRUNED_SEARCH = (
 
 
 @pytest.mark.slow
-def test_the_pruner_stops_hopeless_trials_and_a_rerun_continues_the_study(tmp_path: Path) -> None:
+def test_the_pruner_stops_hopeless_trials_and_they_count_towards_the_budget(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "optuna"
     done = launch(tmp_path, "-m", *PRUNED_SEARCH, "hydra.sweeper.n_trials=4", f"hydra.sweep.dir={sweep_dir}")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -185,17 +207,12 @@ def test_the_pruner_stops_hopeless_trials_and_a_rerun_continues_the_study(tmp_pa
     assert all(states[r["trial"]] == TrialState.COMPLETE for r in found.values() if r["status"] == "completed")
     assert "pruned by the search after epoch" in (sweep_dir / "report.md").read_text()
 
-    # The same command with a larger budget continues the study: one more trial, numbered after the others, in a
-    # directory of its own; the finished trials' runs are untouched.
+    # With the budget spent, pruned trials included, the same command again launches nothing and leaves every run as
+    # it was (a continued search, with a larger budget, is tested below).
     before = {name: (sweep_dir / name / "results.json").read_bytes() for name in found}
-    again = launch(tmp_path, "-m", *PRUNED_SEARCH, "hydra.sweeper.n_trials=5", f"hydra.sweep.dir={sweep_dir}")
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert sorted(records(sweep_dir)) == ["0", "1", "2", "3", "4"]
-    assert all((sweep_dir / name / "results.json").read_bytes() == data for name, data in before.items())
-    assert len(study(sweep_dir).trials) == 5
-    # With the budget spent, a rerun launches nothing.
-    spent = launch(tmp_path, "-m", *PRUNED_SEARCH, "hydra.sweeper.n_trials=5", f"hydra.sweep.dir={sweep_dir}")
-    assert spent.returncode == 0 and len(study(sweep_dir).trials) == 5
+    spent = launch(tmp_path, "-m", *PRUNED_SEARCH, "hydra.sweeper.n_trials=4", f"hydra.sweep.dir={sweep_dir}")
+    assert spent.returncode == 0 and len(study(sweep_dir).trials) == 4
+    assert {name: path.read_bytes() for name, path in results_files(sweep_dir).items()} == before
 
 
 def two_workers(tmp_path: Path, command: list[str], **env: str) -> list[str]:
@@ -273,29 +290,32 @@ def test_two_workers_racing_for_the_last_trial_start_only_one(tmp_path: Path) ->
 
 
 @pytest.mark.slow
-def test_a_continued_search_draws_new_points_and_the_report_names_the_seed(tmp_path: Path) -> None:
-    sweep_dir = tmp_path / "optuna"
-    first = multirun(sweep_dir, "+sweep=optuna", "hydra.sweeper.n_trials=1")
-    assert first.returncode == 0, first.stderr[-3000:]
+def test_a_continued_search_draws_new_points_and_the_report_names_the_seed(
+    searched: tuple[Path, Path, subprocess.CompletedProcess],
+) -> None:
     # The same command with a larger budget: TPE is still drawing at random, with a seed the first launch never used.
-    again = multirun(sweep_dir, "+sweep=optuna", "hydra.sweeper.n_trials=2")
-    assert again.returncode == 0, again.stderr[-3000:]
+    first, sweep_dir, again = searched
     trials = study(sweep_dir).trials
-    assert len(trials) == 2 and trials[0].params != trials[1].params
-    assert [t.user_attrs[SEED_ATTR] for t in trials] == [trial_seed(0, 0), trial_seed(0, 1)]
+    assert len(trials) == 4 and trials[3].params not in [t.params for t in trials[:3]]
+    # The new trial runs in a directory of its own; the earlier trials' runs are untouched.
+    assert sorted(records(sweep_dir)) == ["0", "1", "2", "3"]
+    earlier = {name: path.read_bytes() for name, path in results_files(first).items()}
+    assert {name: results_files(sweep_dir)[name].read_bytes() for name in earlier} == earlier
+    assert [t.user_attrs[SEED_ATTR] for t in trials] == [trial_seed(3, n) for n in range(4)]
     log = again.stdout + again.stderr
-    assert "1 of 2 trials already started; sampler TPESampler, seed 0 (" in log and "; pruner none" in log
+    assert "3 of 4 trials already started; sampler TPESampler, seed 3 (" in log and "; pruner none" in log
 
     best = OmegaConf.to_container(OmegaConf.load(sweep_dir / "optimization_results.yaml"))
-    assert best["seed"] == 0 and best["sampler"] == "TPESampler"
-    assert best["trial_seed"] == trial_seed(0, best["trial"])
-    # The value is a fraction, as the runs return it; the file says so.
+    assert best["seed"] == 3 and best["sampler"] == "TPESampler"
+    assert best["trial_seed"] == trial_seed(3, best["trial"])
+    # The value is in fractions, as the runs return their accuracies; the file says so.
     completed = [r for r in records(sweep_dir).values() if r["status"] == "completed"]
-    assert math.isclose(best["best_value"], max(r["best_val_acc1"] for r in completed))
-    assert best["objective"].startswith("val/acc1 (max) penalised by 0.0 per tenfold")
+    objectives = [r["best_val_acc1"] - 0.01 * math.log10(r["trainable_params"]) for r in completed]
+    assert math.isclose(best["best_value"], max(objectives))
+    assert best["objective"].startswith("val/acc1 (max) penalised by 0.01 per tenfold")
     assert "accuracies are fractions: 1.0 = 100 %" in best["objective"]
     report = (sweep_dir / "report.md").read_text()
-    assert "Optuna search (optimization_results.yaml): sampler TPESampler, seed 0; each trial drew" in report
+    assert "Optuna search (optimization_results.yaml): sampler TPESampler, seed 3; each trial drew" in report
 
 
 def running_trial(sweep_dir: Path, rank: int, beaten: float) -> optuna.Trial:
@@ -554,13 +574,24 @@ def test_a_search_that_cannot_work_is_refused_before_any_trial(overrides: tuple[
         sweeper.check()
 
 
-def test_a_search_that_cannot_work_is_one_message_before_any_trial(tmp_path: Path) -> None:
+def test_a_search_that_cannot_work_is_one_message_before_any_trial(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # The sweep as Hydra starts it, in this process; the exit status of a process whose sweep ends this way is
+    # checked with a storage that cannot open (below), which ends in the same handler.
     sweep_dir = tmp_path / "optuna"
-    done = multirun(sweep_dir, "+sweep=optuna", "hydra.sweeper.n_trials=0")
-    assert done.returncode == 2
-    assert done.stderr.startswith("optuna sweeper: error: ") or "\noptuna sweeper: error: " in done.stderr
-    assert "hydra.sweeper.n_trials=0: give an integer >= 1" in done.stderr and "Traceback" not in done.stderr
-    assert not list(sweep_dir.glob("*/results.json"))
+    overrides = [*FAST, "+sweep=optuna", "hydra.sweeper.n_trials=0", f"hydra.sweep.dir={sweep_dir}"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=canonical_overrides(overrides), return_hydra_config=True)
+    sweeper = instantiate(cfg.hydra.sweeper)
+    sweeper.config = cfg
+    with pytest.raises(SystemExit) as stopped:
+        sweeper.sweep([])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2
+    assert err.startswith("optuna sweeper: error: ") or "\noptuna sweeper: error: " in err
+    assert "hydra.sweeper.n_trials=0: give an integer >= 1" in err and "Traceback" not in err
+    assert not sweep_dir.exists()  # no study, no trial
 
 
 def test_the_sweeper_is_a_hydra_plugin_on_current_optuna() -> None:

@@ -32,10 +32,12 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND with a time limit, its out
 step machine 30 bash -c "nvidia-smi; $py -c 'import torch, timm, lightning, peft; print(torch.__version__, torch.version.cuda, timm.__version__, lightning.__version__, peft.__version__)'"
 # The CUDA tests: fused node (fp32, fp16 and bf16 autocast), merge/export, DoRA, PiSSA, resize, short runs.
 step gpu_tests 75 $py -m pytest -q -m gpu -rs -p no:cacheprovider --junitxml "$out/gpu_tests.xml"
-# LoRA step time against its floor and PEFT, peak memory, merged against base inference: ViT-B/16 and ResNet-50.
+# LoRA step time against its floor and PEFT, peak memory, merged against base inference: ViT-B/16, ResNet-50 and
+# EfficientNet-Lite0 (its depthwise convs included), each comparison in 3 runs as on the CPU.
 for precision in fp32 bf16; do
-  step "bench_$precision" 70 $py -m lora_vision.bench --device cuda --precision "$precision" --repeats 3 \
-    --configs vit_b16/qkv vit_b16/qv vit_b16/all_linear resnet50/conv3x3 --options --out "$out/bench_$precision"
+  step "bench_$precision" 70 $py -m lora_vision.bench --device cuda --precision "$precision" --repeats 3 --runs 3 \
+    --configs vit_b16/qkv vit_b16/qv vit_b16/all_linear resnet50/conv3x3 resnet50/all_convs effnet_lite0/conv1x1 \
+    effnet_lite0/all_convs --options --out "$out/bench_$precision"
 done
 # Several adapters on one backbone: a mixed batch of N = 1, 2, 4, 8 adapters routed in one pass against N merged
 # models and against switching; a packed N-point training step against N separate steps (--train).

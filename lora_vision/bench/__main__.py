@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import datetime
-import os
-import shlex
 import sys
-import time
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -23,7 +19,7 @@ from lora_vision.bench.configs import (
     select_options,
     settings_from,
 )
-from lora_vision.bench.report import machine, markdown, write_record
+from lora_vision.bench.report import markdown, measured, write_record
 from lora_vision.bench.run import run_benchmark
 
 
@@ -39,11 +35,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=positive_int, help="timed rounds, in rotating order (default 5)")
     parser.add_argument("--warmup", type=int, help="untimed rounds first (default 1)")
     parser.add_argument(
+        "--runs", type=positive_int, help="runs of every comparison, each with warm-up and rounds (default 3)"
+    )
+    parser.add_argument(
         "--configs", nargs="+", metavar="GLOB", help=f"configurations to run (default all): {CONFIGS[0].name}, ..."
     )
     parser.add_argument("--list", action="store_true", help="list the configurations and exit")
     parser.add_argument("--out", help="directory for results.md, results.csv and results.json")
-    parser.add_argument("--quick", action="store_true", help="tiny models, 1 warm-up and 2 timed rounds (for tests)")
+    parser.add_argument("--quick", action="store_true", help="tiny models; 1 run: 1 warm-up, 2 timed rounds (tests)")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory children")
     parser.add_argument("--no-inference", dest="inference", action="store_false", help="skip inference timings")
     parser.add_argument(
@@ -64,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\n".join(config.name for config in CONFIGS))
         return 0
     # Quick runs compile with aot_eager: traced like inductor, without its minute of C++ compilation.
-    quick = Settings(warmup=1, repeats=2, compile_backend="aot_eager")
+    quick = Settings(warmup=1, repeats=2, runs=1, compile_backend="aot_eager")
     settings = settings_from(args, quick, inference=args.inference)
     if torch.device(settings.device).type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
@@ -73,19 +72,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         options = select_options(configs, args.options)
     except ValueError as err:
         raise SystemExit(str(err)) from None
-    started, load_start = time.perf_counter(), os.getloadavg()[0]
-    rows, option_rows = run_benchmark(configs, settings, options)
-    record = {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": shlex.join(["python", "-m", "lora_vision.bench", *argv]),
-        "wall_s": time.perf_counter() - started,
-        "load_start": load_start,
-        "load_end": os.getloadavg()[0],
-        "machine": machine(settings),
-        "settings": dataclasses.asdict(settings),
-        "rows": rows,
-        "option_rows": option_rows,
-    }
+
+    def run() -> dict[str, Any]:
+        rows, option_rows = run_benchmark(configs, settings, options)
+        return {"rows": rows, "option_rows": option_rows}
+
+    record = measured("lora_vision.bench", argv, settings, run)
     if args.out:
         for path in write_record(args.out, record):
             print(f"wrote {path}")

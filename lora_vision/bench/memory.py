@@ -14,6 +14,7 @@ model build and a few steps rather than several seconds of imports.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import multiprocessing
 import resource
@@ -47,8 +48,26 @@ def max_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * _RSS_UNIT
 
 
+# glibc's M_MMAP_THRESHOLD (mallopt parameter -3), and the value it starts from. Left alone, glibc raises the
+# threshold to the size of each large block freed, so later blocks of that size come from the heap, whose freed
+# memory stays resident: the peak RSS then depends on the order in which tensors were freed, and two runs of one
+# side differed by 16 MiB on ResNet-50. A fixed threshold keeps every tensor of 128 KiB or more in its own mapping,
+# returned when freed, so the peak follows the tensors alive at once.
+_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES = -3, 128 * 1024
+
+
+def fix_mmap_threshold() -> bool:
+    """Fix glibc's mmap threshold in this process (see above); False where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES))
+    except (OSError, AttributeError):
+        return False
+
+
 def measure_in_this_process(config: BenchConfig, side: str, settings: Settings) -> float:
     """Peak memory (MiB) that `settings.memory_steps` training steps add to the built side."""
+    fix_mmap_threshold()
     spec = settings.model(config)
     model = prepare_side(build_base(spec, settings), config, side, settings)
     step = TrainStep(model, *make_batch(spec, settings), settings)

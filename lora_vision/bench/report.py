@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
+import datetime
 import io
 import os
 import platform
-from collections.abc import Iterable, Sequence
+import shlex
+import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +19,7 @@ import torch
 
 from lora_vision.bench.configs import Settings
 from lora_vision.bench.peft_side import peft_version
+from lora_vision.config_checks import read_cpuinfo
 from lora_vision.results import write_atomic, write_json_atomic
 
 # The thresholds a configuration should meet: LoRA within 5% of its floor, at least as fast as PEFT with no more
@@ -22,20 +27,24 @@ from lora_vision.results import write_atomic, write_json_atomic
 FLOOR_MAX, PEFT_MIN, MERGED_MAX = 1.05, 1.00, 1.02
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+# The flags that decide how fast a CPU runs the benchmark's kernels: vector widths, FMA, native bf16.
+VECTOR_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "asimd", "sve")
+
+
+def _cpu() -> tuple[str, list[str]]:
+    """The CPU's model name and the `VECTOR_FLAGS` it has."""
+    info = read_cpuinfo()
+    if info is None:
+        return platform.processor() or platform.machine(), []
+    return info.model, [flag for flag in VECTOR_FLAGS if flag in info.flags]
 
 
 def machine(settings: Settings) -> dict[str, Any]:
     """What decides the numbers: hardware, thread count, software versions, and how busy the machine was."""
+    cpu, flags = _cpu()
     info: dict[str, Any] = {
-        "cpu": _cpu_model(),
+        "cpu": cpu,
+        "cpu_flags": flags,
         "logical_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
@@ -58,8 +67,22 @@ def _ms(row: dict, side: str) -> str:
     return f"{stats['median']:.1f} ({stats['q1']:.1f}-{stats['q3']:.1f})"
 
 
-def _ratio(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
+def _ratio(value: float | dict | None) -> str:
+    """A ratio; measured in several runs, its median with the lowest and highest run in parentheses."""
+    if value is None:
+        return "-"
+    if not isinstance(value, dict):
+        return f"{value:.3f}"
+    if len(value["runs"]) == 1:
+        return f"{value['median']:.3f}"
+    return f"{value['median']:.3f} ({value['min']:.3f}-{value['max']:.3f})"
+
+
+def _worst(value: dict | None, above: bool) -> float | None:
+    """The run that comes closest to missing a threshold: the lowest for a minimum, the highest for a maximum."""
+    if value is None:
+        return None
+    return value["min"] if above else value["max"]
 
 
 def _mib(row: dict, sides: Iterable[str]) -> str:
@@ -94,6 +117,7 @@ def _training_table(rows: list[dict]) -> list[str]:
         "ours/floor",
         "ideal (FLOPs)",
         "peak MiB ours / PEFT / floor",
+        "memory ours/PEFT",
     ]
     lines = []
     for row in rows:
@@ -104,7 +128,7 @@ def _training_table(rows: list[dict]) -> list[str]:
                 row["config"],
                 row["model"],
                 str(row["batch_size"]),
-                row["peft_peer"] or "-",
+                row["peft_peer"] or (f"none: {row['peft_refuses']}" if row.get("peft_refuses") else "-"),
                 counts,
                 _ms(row, "ours"),
                 _ms(row, "peft"),
@@ -113,6 +137,7 @@ def _training_table(rows: list[dict]) -> list[str]:
                 _ratio(row["ours_over_floor"]),
                 _ratio(_flop_ratio(row)),
                 _mib(row, ("ours", "peft", "floor")),
+                _ratio(row.get("memory_ratio")),
             ]
         )
     return _table(header, lines)
@@ -188,19 +213,13 @@ def _options_table(rows: list[dict]) -> list[str]:
 
 
 def _missed(rows: list[dict], value, limit: float, above: bool) -> str:
-    """Configurations whose `value(row)` misses the threshold, or "none"; rows without the value are skipped."""
-    checked = [(row["config"], v) for row in rows if (v := value(row)) is not None]
+    """Configurations where some run of `value(row)` (a ratio over runs) misses the threshold, or "none"; rows
+    without the value are skipped."""
+    checked = [(row["config"], v) for row in rows if (v := _worst(value(row), above)) is not None]
     if not checked:
         return "not measured"
     missed = [f"{name} ({v:.3f})" for name, v in checked if (v < limit if above else v > limit)]
     return f"{len(checked) - len(missed)}/{len(checked)} met" + (f"; missed: {', '.join(missed)}" if missed else "")
-
-
-def _memory_ratio(row: dict) -> float | None:
-    peaks = row.get("peak_mib") or {}
-    if "peft" not in peaks or peaks["peft"] <= 0:
-        return None
-    return peaks["ours"] / peaks["peft"]
 
 
 def _thresholds(rows: list[dict]) -> list[str]:
@@ -209,12 +228,30 @@ def _thresholds(rows: list[dict]) -> list[str]:
     return [
         f"- ours/floor <= {FLOOR_MAX:.2f}: " + _missed(rows, lambda r: r["ours_over_floor"], FLOOR_MAX, False),
         f"- PEFT/ours >= {PEFT_MIN:.2f}: " + _missed(rows, lambda r: r["peft_over_ours"], PEFT_MIN, True),
-        "- peak memory ours/PEFT <= 1.00: " + _missed(rows, _memory_ratio, 1.0, False),
+        "- peak memory ours/PEFT <= 1.00: " + _missed(rows, lambda r: r.get("memory_ratio"), 1.0, False),
         "- q+v slices vs PEFT whole qkv, PEFT/ours >= 1.00: "
         + _missed(qv, lambda r: r["peft_over_ours"], PEFT_MIN, True),
         f"- merged/base inference <= {MERGED_MAX:.2f}: "
         + _missed(inference, lambda r: r["inference"]["merged_over_base"], MERGED_MAX, False),
     ]
+
+
+def measured(module: str, argv: Sequence[str], settings: Settings, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """The record of `run()` (the rows it returns, by key): when and how long it ran, the command
+    (`python -m module argv`), the load average before and after, the machine and the settings."""
+    started, load_start = time.perf_counter(), os.getloadavg()[0]
+    date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    content = run()
+    return {
+        "date": date,
+        "command": shlex.join(["python", "-m", module, *argv]),
+        "wall_s": time.perf_counter() - started,
+        "load_start": load_start,
+        "load_end": os.getloadavg()[0],
+        "machine": machine(settings),
+        "settings": dataclasses.asdict(settings),
+        **content,
+    }
 
 
 def header(record: dict[str, Any], title: str, versions: str = "") -> list[str]:
@@ -226,7 +263,8 @@ def header(record: dict[str, Any], title: str, versions: str = "") -> list[str]:
         "",
         f"- date: {record['date']}; wall time {record['wall_s']:.0f} s",
         f"- command: `{record['command']}`",
-        f"- device: {info['device']} ({device}); {info['logical_cores']} logical cores, "
+        f"- device: {info['device']} ({device}; flags {' '.join(info.get('cpu_flags') or ['unknown'])}); "
+        f"{info['logical_cores']} logical cores, "
         f"{info['torch_threads']} torch threads; {info['platform']}",
         f"- versions: python {info['python']}, torch {info['torch']}, timm {info['timm']}{versions}",
         f"- load average (1 min) at start / end: {record['load_start']:.2f} / {record['load_end']:.2f}",
@@ -238,13 +276,16 @@ def markdown(record: dict[str, Any]) -> str:
     lines = [
         *header(record, "LoRA benchmark: ours vs its floor vs PEFT", f", peft {record['machine']['peft']}"),
         f"- settings: rank {settings['rank']}, alpha {settings['alpha']:g}, dropout {settings['dropout']:g}, "
-        f"{settings['precision']}, AdamW; rounds of {settings['steps']} step(s) per side in rotating order: "
-        f"{settings['warmup']} warm-up, {settings['repeats']} timed; memory over {settings['memory_steps']} steps",
+        f"{settings['precision']}, AdamW; {settings['runs']} run(s) of rounds of {settings['steps']} step(s) per side "
+        f"in rotating order: {settings['warmup']} warm-up, {settings['repeats']} timed; memory over "
+        f"{settings['memory_steps']} steps, once per run",
         "",
-        "Times are the median per step in ms, with the interquartile range in parentheses. PEFT/ours > 1 means",
+        "Times are the median per step in ms over all runs, with the interquartile range in parentheses. Ratios are",
+        "the median of the runs' ratios, with the lowest and highest run in parentheses. PEFT/ours > 1 means",
         "ours is faster; ours/floor is the cost above the unavoidable forward + activation backward, and",
         "ideal (FLOPs) is the ratio of their matmul/conv FLOPs, what ours/floor would be with no other overhead.",
-        "Peak MiB is what training steps add on top of the built model (activations, gradients, optimizer state).",
+        "Peak MiB is what training steps add on top of the built model (activations, gradients, optimizer state),",
+        "the median over runs.",
         "",
         "## Training step",
         "",
@@ -254,7 +295,7 @@ def markdown(record: dict[str, Any]) -> str:
         "",
         *_inference_table(record["rows"]),
         "",
-        "## The fused LoRA node against the same math from plain torch ops (ours, Linear adapters)",
+        "## The fused LoRA nodes against the same math from plain torch ops (ours)",
         "",
         *_composed_table(record["rows"]),
         "",
@@ -262,12 +303,17 @@ def markdown(record: dict[str, Any]) -> str:
         "",
         *_options_table(record.get("option_rows", [])),
         "",
-        "## Thresholds (from the medians above; see README.md on noise)",
+        "## Thresholds (met only where every run meets them; see README.md on noise)",
         "",
         *_thresholds(record["rows"]),
         "",
     ]
     return "\n".join(lines)
+
+
+def _flat_ratio(flat: dict[str, Any], key: str, value: dict | None) -> None:
+    for part in ("min", "median", "max"):
+        flat[f"{key}_{part}"] = None if value is None else value[part]
 
 
 def _flat(row: dict[str, Any]) -> dict[str, Any]:
@@ -278,17 +324,19 @@ def _flat(row: dict[str, Any]) -> dict[str, Any]:
         flat[f"trainable_{side}"] = count
     for side, stats in row["ms"].items():
         flat.update({f"{side}_ms_{key}": value for key, value in stats.items() if key != "samples"})
-    flat["peft_over_ours"] = row["peft_over_ours"]
-    flat["ours_over_floor"] = row["ours_over_floor"]
-    flat["composed_over_ours"] = row.get("composed_over_ours")
+    for key in ("peft_over_ours", "ours_over_floor", "composed_over_ours"):
+        _flat_ratio(flat, key, row.get(key))
     for side, gflops in row["gflops"].items():
         flat[f"{side}_gflops"] = gflops
     for side, mib in (row.get("peak_mib") or {}).items():
         flat[f"{side}_peak_mib"] = mib
+    _flat_ratio(flat, "memory_ours_over_peft", row.get("memory_ratio"))
     inference = row.get("inference")
     if inference is not None:
         flat.update({f"inference_{name}_ms": stats["median"] for name, stats in inference["ms"].items()})
-        flat.update({f"inference_{key}": value for key, value in inference.items() if key != "ms"})
+        for key, value in inference.items():
+            if key.endswith("_over_base"):
+                _flat_ratio(flat, f"inference_{key}", value)
     return flat
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -28,7 +29,7 @@ from lora_vision.bench.sides import (
     sides_of,
     trainable_parameters,
 )
-from lora_vision.bench.timing import Stats, time_alternating
+from lora_vision.bench.timing import Runs, Spread, time_runs
 from lora_vision.lora import merge_and_unload
 
 
@@ -38,10 +39,30 @@ def _sync(settings: Settings) -> Callable[[], object]:
     return lambda: None
 
 
-def _ratio(numerator: Stats | None, denominator: Stats | None) -> float | None:
-    if numerator is None or denominator is None:
-        return None
-    return numerator.median / denominator.median
+def _timed(calls: dict[str, Callable[[], object]], settings: Settings, warmup: int | None = None) -> Runs:
+    warmup = settings.warmup if warmup is None else warmup
+    return time_runs(calls, settings.runs, warmup, settings.repeats, settings.steps, _sync(settings))
+
+
+def _spread(spread: Spread | None) -> dict[str, Any] | None:
+    return None if spread is None else spread.as_dict()
+
+
+def _memory_runs(
+    config: BenchConfig, measured: dict[str, tuple[str, Settings]], runs: int, ratio: tuple[str, str] | None
+) -> dict[str, Any]:
+    """Peak memory of each labelled (side, settings) in every run, a fresh child each time; the medians per label;
+    and `ratio` (label over label) run by run."""
+    per_run = [
+        {label: peak_memory_mib(config, side, settings) for label, (side, settings) in measured.items()}
+        for _ in range(runs)
+    ]
+    spread = None if ratio is None else Spread.of([run[ratio[0]] / run[ratio[1]] for run in per_run])
+    return {
+        "peak_mib": {label: statistics.median(run[label] for run in per_run) for label in measured},
+        "peak_mib_runs": per_run,
+        "memory_ratio": _spread(spread),
+    }
 
 
 def _inference(base: nn.Module, models: dict[str, nn.Module], config: BenchConfig, settings: Settings) -> dict:
@@ -51,12 +72,13 @@ def _inference(base: nn.Module, models: dict[str, nn.Module], config: BenchConfi
     if PEFT in models:
         candidates["peft_unmerged"] = models[PEFT]
     calls = {name: inference_step(model, images, settings) for name, model in candidates.items()}
-    stats = time_alternating(calls, settings.warmup, settings.repeats, settings.steps, _sync(settings))
+    runs = _timed(calls, settings)
     return {
-        "ms": {name: s.as_dict() for name, s in stats.items()},
-        "merged_over_base": _ratio(stats["merged"], stats["base"]),
-        "unmerged_over_base": _ratio(stats["unmerged"], stats["base"]),
-        "peft_unmerged_over_base": _ratio(stats.get("peft_unmerged"), stats["base"]),
+        "ms": {name: s.as_dict() for name, s in runs.pooled.items()},
+        "runs_ms": runs.medians,
+        "merged_over_base": _spread(runs.ratio("merged", "base")),
+        "unmerged_over_base": _spread(runs.ratio("unmerged", "base")),
+        "peft_unmerged_over_base": _spread(runs.ratio("peft_unmerged", "base")),
     }
 
 
@@ -68,7 +90,7 @@ def bench_config(config: BenchConfig, settings: Settings) -> dict[str, Any]:
     sides = sides_of(config, with_peft=peft_version() is not None)
     models = {side: prepare_side(copy.deepcopy(base), config, side, settings) for side in sides}
     calls = {side: TrainStep(model, images, labels, settings) for side, model in models.items()}
-    stats = time_alternating(calls, settings.warmup, settings.repeats, settings.steps, _sync(settings))
+    runs = _timed(calls, settings)
     row: dict[str, Any] = {
         "config": config.name,
         "model": spec.label,
@@ -76,19 +98,22 @@ def bench_config(config: BenchConfig, settings: Settings) -> dict[str, Any]:
         "targets": list(config.targets),
         "blocks": config.blocks,
         "peft_peer": config.peft_peer if PEFT in models else None,
+        "peft_refuses": config.peft_refuses or None,
         "batch_size": settings.batch(spec),
         "trainable": {side: trainable_parameters(model) for side, model in models.items()},
-        "ms": {side: s.as_dict() for side, s in stats.items()},
-        "peft_over_ours": _ratio(stats.get(PEFT), stats[OURS]),
-        "ours_over_floor": _ratio(stats[OURS], stats.get(FLOOR)),
-        "composed_over_ours": _ratio(stats.get(COMPOSED), stats[OURS]),
-        "composed_over_floor": _ratio(stats.get(COMPOSED), stats.get(FLOOR)),
+        "ms": {side: s.as_dict() for side, s in runs.pooled.items()},
+        "runs_ms": runs.medians,
+        "peft_over_ours": _spread(runs.ratio(PEFT, OURS)),
+        "ours_over_floor": _spread(runs.ratio(OURS, FLOOR)),
+        "composed_over_ours": _spread(runs.ratio(COMPOSED, OURS)),
+        "composed_over_floor": _spread(runs.ratio(COMPOSED, FLOOR)),
         "gflops": {side: step_flops(config, side, settings) / 1e9 for side in sides},
     }
     del calls  # the optimizers' state; the children below and inference need none of it
     gc.collect()
     if settings.memory:
-        row["peak_mib"] = {side: peak_memory_mib(config, side, settings) for side in sides}
+        ratio = (OURS, PEFT) if PEFT in sides else None
+        row.update(_memory_runs(config, {side: (side, settings) for side in sides}, settings.runs, ratio))
     if settings.inference and config.method == LORA:
         row["inference"] = _inference(base, models, config, settings)
     return row
@@ -105,19 +130,21 @@ def bench_option(config: BenchConfig, option: str, settings: Settings) -> dict[s
         for name, s in variants.items()
     }
     # The first round of a compiled model compiles it; more warm-up keeps recompilation out of the timings.
-    stats = time_alternating(calls, settings.warmup + 1, settings.repeats, settings.steps, _sync(settings))
+    runs = _timed(calls, settings, warmup=settings.warmup + 1)
     row: dict[str, Any] = {
         "config": config.name,
         "model": spec.label,
         "option": option,
         "batch_size": settings.batch(spec),
-        "ms": {name: s.as_dict() for name, s in stats.items()},
-        "speedup": _ratio(stats["without"], stats["with"]),
+        "ms": {name: s.as_dict() for name, s in runs.pooled.items()},
+        "runs_ms": runs.medians,
+        "speedup": _spread(runs.ratio("without", "with")),
     }
     del calls
     gc.collect()
     if settings.memory:
-        row["peak_mib"] = {name: peak_memory_mib(config, OURS, s) for name, s in variants.items()}
+        measured = {name: (OURS, s) for name, s in variants.items()}
+        row.update(_memory_runs(config, measured, settings.runs, ("with", "without")))
     return row
 
 

@@ -12,26 +12,37 @@ from torch import Tensor, nn
 from lora_vision.bench.configs import COMPILE, FULL, LINEAR_PROBE, LORA, BenchConfig, ModelSpec, Settings
 from lora_vision.bench.floor import attach_floor
 from lora_vision.bench.peft_side import peft_adapted_names, peft_twin
-from lora_vision.lora import LoraAdapter, LoRALinear, apply_lora, resolve_targets
+from lora_vision.lora import LoraAdapter, LoRAConv2d, LoRALinear, apply_lora, resolve_targets
 from lora_vision.methods import FullFineTune, LinearProbe
 from lora_vision.performance import apply_performance_options
 
 OURS, PEFT, FLOOR, COMPOSED = "ours", "peft", "floor", "composed"
 
 
-class ComposedLoRALinear(LoRALinear):
-    """Our LoRALinear computing its function from plain torch ops (`LoraAdapter.forward_with_base`), as it did before
-    the fused autograd node (`lora_vision.lora.fused`): the same parameters and math, timed to show what the node
-    gains."""
+class _ComposedOps:
+    """A LoRA layer computing its function from plain torch ops (`LoraAdapter.forward_with_base`), as it did before
+    the fused autograd nodes (`lora_vision.lora.fused`, `fused_conv`): the same parameters and math, timed to show
+    what the nodes gain."""
 
     def forward(self, x: Tensor) -> Tensor:
         return LoraAdapter.forward_with_base(self._single(), x)
 
 
+class ComposedLoRALinear(_ComposedOps, LoRALinear):
+    pass
+
+
+class ComposedLoRAConv2d(_ComposedOps, LoRAConv2d):
+    pass
+
+
+COMPOSED_CLASSES = {LoRALinear: ComposedLoRALinear, LoRAConv2d: ComposedLoRAConv2d}
+
+
 def use_composed_ops(model: nn.Module) -> None:
     for module in model.modules():
-        if type(module) is LoRALinear:
-            module.__class__ = ComposedLoRALinear
+        if type(module) in COMPOSED_CLASSES:
+            module.__class__ = COMPOSED_CLASSES[type(module)]
 
 
 def build_base(spec: ModelSpec, settings: Settings) -> nn.Module:
@@ -93,7 +104,7 @@ def prepare_side(model: nn.Module, config: BenchConfig, side: str, settings: Set
 def sides_of(config: BenchConfig, with_peft: bool) -> Sequence[str]:
     if config.method != LORA:
         return (OURS,)
-    sides = (OURS, PEFT, FLOOR) if with_peft else (OURS, FLOOR)
+    sides = (OURS, PEFT, FLOOR) if with_peft and not config.peft_refuses else (OURS, FLOOR)
     return (*sides, COMPOSED) if config.composed_side else sides
 
 

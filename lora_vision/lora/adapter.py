@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from lora_vision.lora.config import active_variants, variant_name
 from lora_vision.lora.errors import LoRAConfigError, check_hyperparameters
 from lora_vision.lora.fused import linear_with_low_rank
+from lora_vision.lora.fused_conv import conv2d_with_low_rank, low_precision, padded_input
 from lora_vision.lora.variants import LoraVariant
 
 QKV_SLOTS = ("q", "k", "v")
@@ -327,7 +328,9 @@ class Conv2dAdapter(LoraAdapter):
     The update treats the kernel as an (out, in/groups * kh * kw) matrix: dW = B @ A with A (r, in/groups, kh, kw)
     and B (out, r), so its rank is at most r and it folds into the weight exactly. Unmerged, A runs as a conv
     with the base layer's own kernel size, stride, padding, dilation and padding mode (r output channels) and
-    B as a 1x1 conv r -> out. This differs from loralib's ConvLoRA, which factorises an (out*k, in*k)
+    B as a 1x1 map r -> out, both inside one autograd node (`lora_vision.lora.fused_conv`) wherever it can
+    reproduce the base layer's geometry; otherwise (dropout in training, DoRA, a conv subclass with its own
+    forward) as the composed torch ops below. This differs from loralib's ConvLoRA, which factorises an (out*k, in*k)
     reshaping of the kernel, so its update has rank up to r*k rather than r.
 
     Grouped and depthwise convs: dW has the base weight's (out, in/groups, kh, kw) shape, i.e. every output
@@ -379,6 +382,21 @@ class Conv2dAdapter(LoraAdapter):
         if type(self.base).forward is nn.Conv2d.forward:
             return self.base._conv_forward(x, kernel, None)
         return torch.func.functional_call(self.base, {"weight": kernel, "bias": None}, (x,))
+
+    def forward_with_base(self, x: Tensor) -> Tensor:
+        base = self.base
+        fusable = (
+            all(v.fusable for v in self.variants)
+            and not (self.training and isinstance(self.dropout, nn.Dropout))
+            and not any(p.requires_grad for p in base.parameters())
+            and not (base.groups > 1 and low_precision(x))
+        )
+        padded = padded_input(base, x) if fusable else None
+        if padded is None:
+            return super().forward_with_base(x)
+        # The same function as the composed path, in one autograd node (see lora_vision.lora.fused_conv).
+        a, b = self.factors()
+        return conv2d_with_low_rank(padded[0], base.weight, base.bias, a, b, self.scale, padded[1])
 
     def _low_rank_path(self, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
         if self.base.groups == 1:

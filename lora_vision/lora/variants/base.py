@@ -66,7 +66,8 @@ class LoraVariant:
     # How plots and tables name it.
     label: ClassVar[str]
     setting: ClassVar[tuple[str, Any]]
-    # Whether lora_vision.lora.fused's single autograd node still computes the adapter (it knows plain LoRA only).
+    # Whether the single autograd nodes (lora_vision.lora.fused, fused_conv) still compute the adapter (they know
+    # plain LoRA only).
     fusable: ClassVar[bool] = True
     # The entry of PEFT's adapter_config.json that switches this variant on in PEFT, e.g. ("use_dora", True).
     peft_setting: ClassVar[tuple[str, Any] | None] = None
