@@ -252,10 +252,12 @@ def test_fused_conv_node_skips_the_input_gradient_nothing_needs() -> None:
     ],
     ids=["dropout in training", "dropout in eval", "uneven same padding", "DoRA"],
 )
-def test_conv_layers_the_node_cannot_compute_take_the_composed_path(make, node: bool) -> None:
+@pytest.mark.parametrize("shape", [(2, 8, 9, 9), (8, 9, 9)], ids=["batch", "one unbatched image"])
+def test_conv_layers_the_node_cannot_compute_take_the_composed_path(make, node: bool, shape) -> None:
     layer = make()
     randomize_adapters(layer)
-    x = torch.randn(2, 8, 9, 9, requires_grad=True)
+    node = node and len(shape) == 4
+    x = torch.randn(*shape, requires_grad=True)
     torch.manual_seed(1)  # the same dropout mask for both
     out = layer(x)
     torch.manual_seed(1)

@@ -50,9 +50,10 @@ def max_rss() -> int:
 
 # glibc's M_MMAP_THRESHOLD (mallopt parameter -3), and the value it starts from. Left alone, glibc raises the
 # threshold to the size of each large block freed, so later blocks of that size come from the heap, whose freed
-# memory stays resident: the peak RSS then depends on the order in which tensors were freed, and two runs of one
-# side differed by 16 MiB on ResNet-50. A fixed threshold keeps every tensor of 128 KiB or more in its own mapping,
-# returned when freed, so the peak follows the tensors alive at once.
+# memory stays resident: the peak RSS then depends on the order in which tensors were freed, which two threads make
+# vary from child to child. A fixed threshold keeps every tensor of 128 KiB or more in its own mapping, returned when
+# freed, so the peak follows the tensors alive at once (the three children of each side in
+# experiments/benchmarks/conv/results.json agree within 0.1 MiB).
 _M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES = -3, 128 * 1024
 
 

@@ -45,6 +45,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         configs = [config for config in select_configs(args.configs) if config.targets]
     except ValueError as err:
         raise SystemExit(str(err)) from None
+    if not configs:
+        raise SystemExit(f"--configs {args.configs}: no LoRA configuration among them (the baselines have no sides)")
     for config in configs:
         spec = settings.model(config)
         base = build_base(spec, settings)

@@ -329,9 +329,9 @@ class Conv2dAdapter(LoraAdapter):
     and B (out, r), so its rank is at most r and it folds into the weight exactly. Unmerged, A runs as a conv
     with the base layer's own kernel size, stride, padding, dilation and padding mode (r output channels) and
     B as a 1x1 map r -> out, both inside one autograd node (`lora_vision.lora.fused_conv`) wherever it can
-    reproduce the base layer's geometry; otherwise (dropout in training, DoRA, a conv subclass with its own
-    forward) as the composed torch ops below. This differs from loralib's ConvLoRA, which factorises an (out*k, in*k)
-    reshaping of the kernel, so its update has rank up to r*k rather than r.
+    reproduce the base layer's geometry; otherwise (dropout in training, DoRA, an unbatched image, a conv subclass
+    with its own forward) as the composed torch ops below. This differs from loralib's ConvLoRA, which factorises
+    an (out*k, in*k) reshaping of the kernel, so its update has rank up to r*k rather than r.
 
     Grouped and depthwise convs: dW has the base weight's (out, in/groups, kh, kw) shape, i.e. every output
     channel's kernel moves within the span of r shared basis kernels. Merging stays exact and any rank up to
@@ -390,6 +390,7 @@ class Conv2dAdapter(LoraAdapter):
             and not (self.training and isinstance(self.dropout, nn.Dropout))
             and not any(p.requires_grad for p in base.parameters())
             and not (base.groups > 1 and low_precision(x))
+            and x.dim() == 4  # nn.Conv2d also takes one unbatched (C, H, W) image; the node works on batches
         )
         padded = padded_input(base, x) if fusable else None
         if padded is None:
