@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from lora_vision.bench import multi, rank_gemms, report, traffic
+from lora_vision.bench import layers, multi, rank_gemms, report, traffic
 from lora_vision.bench import profile as bench_profile
 from lora_vision.bench.__main__ import main
-from lora_vision.bench.configs import BenchConfig, Settings, select_configs, select_options
+from lora_vision.bench.configs import BenchConfig, Settings, select_configs, select_lora_configs, select_options
 from lora_vision.bench.floor import attach_floor
 from lora_vision.bench.flops import count_flops
 from lora_vision.bench.memory import in_child
@@ -31,7 +31,7 @@ from lora_vision.bench.sides import (
     prepare_side,
     trainable_parameters,
 )
-from lora_vision.bench.timing import Stats, rotated, time_alternating, time_runs
+from lora_vision.bench.timing import Runs, Stats, rotated, time_alternating, time_runs
 from lora_vision.lora import LoRALayer, lora_layers
 from tests.helpers import randomize_adapters, tiny_resnet, tiny_vit
 
@@ -430,6 +430,84 @@ def test_traffic_account_counts_what_lora_keeps_and_moves(tmp_path) -> None:
     (row,) = json.loads((tmp_path / "traffic.json").read_text())["rows"]
     assert row["limit"]["median"] > 1 and row["product_mib"] > 0 and row["adapted_layers"] == 8
     assert "| vit_s16/all_linear |" in (tmp_path / "traffic.md").read_text()
+
+
+def test_layer_inputs_are_what_the_step_feeds_each_adapted_layer() -> None:
+    settings = Settings(quick=True)
+    (config,) = select_configs(["resnet50/conv3x3"])
+    spec = settings.model(config)
+    base = build_base(spec, settings)
+    images, _ = make_batch(spec, settings)
+    models = {side: prepare_side(copy.deepcopy(base), config, side, settings) for side in (OURS, FLOOR, COMPOSED)}
+    names = adapted_names(base, config)
+    inputs = layers.layer_inputs(models[OURS], names, images, seed=0)
+    assert [given.name for given in inputs] == names  # a ResNet reaches its convs in the order it names them
+    # Nothing below the first adapted conv trains, so only its input needs no gradient.
+    assert [given.x.requires_grad for given in inputs] == [False] + [True] * (len(names) - 1)
+    seen = {}
+    hooks = [
+        models[FLOOR]
+        .get_submodule(name)
+        .register_forward_hook(lambda m, args, out, name=name: seen.setdefault(name, out))
+        for name in names
+    ]
+    with torch.no_grad():
+        models[FLOOR](images)
+    for hook in hooks:
+        hook.remove()
+    for given in inputs:
+        frozen = layers.side_layer(models[FLOOR], FLOOR, given.name)
+        with torch.no_grad():
+            torch.testing.assert_close(frozen(given.x), seen[given.name])  # the recorded input is the step's
+        assert given.grad.shape == seen[given.name].shape
+    last = inputs[-1]
+    for side in (OURS, COMPOSED):
+        layer = layers.side_layer(models[side], side, last.name)
+        layers.layer_step(layer, last)()
+        assert last.x.grad is not None and all(p.grad is not None for p in layer.parameters() if p.requires_grad)
+        grad_x = last.x.grad.clone()
+        layers.layer_step(layer, last)()  # cleared, not accumulated, as zero_grad(set_to_none=True) leaves them
+        torch.testing.assert_close(last.x.grad, grad_x)
+
+
+def test_layers_row_sums_layers_run_by_run(monkeypatch, tmp_path) -> None:
+    # Every layer timed at floor 1, ours 3, PEFT 4, composed 5 ms in run one and twice that in run two: each run
+    # sums its layers, the added time is side - floor, and the ratios are taken run by run.
+    def fake_time_runs(calls, runs, warmup, repeats, steps):
+        ms = {FLOOR: 1.0, OURS: 3.0, PEFT: 4.0, COMPOSED: 5.0}
+        medians = [{side: ms[side] * (run + 1) for side in calls} for run in range(runs)]
+        return Runs({side: Stats.of([medians[0][side] / 1e3]) for side in calls}, medians)
+
+    monkeypatch.setattr(layers, "time_runs", fake_time_runs)
+    settings = Settings(quick=True, runs=2)
+    (config,) = select_configs(["resnet50/conv3x3"])
+    row = layers.layers_row(config, settings)
+    n = row["adapted_layers"]
+    assert n == len(row["layers"]) > 1
+    assert [run[OURS] for run in row["runs_ms"]] == [3.0 * n, 6.0 * n]
+    assert row["added_ms"][OURS]["runs"] == [2.0 * n, 4.0 * n]
+    assert row["added_ms"][COMPOSED]["median"] == pytest.approx(6.0 * n)
+    assert row["composed_over_ours_added"]["runs"] == pytest.approx([2.0, 2.0])
+    if peft_version():
+        assert row["peft_over_ours_added"]["median"] == pytest.approx(1.5)
+        assert row["peft_over_ours"]["median"] == pytest.approx(4 / 3)
+
+
+def test_layers_cli_writes_its_record(tmp_path) -> None:
+    assert layers.main(["--quick", "--configs", "resnet50/conv3x3", "--out", str(tmp_path)]) == 0
+    (row,) = json.loads((tmp_path / "layers.json").read_text())["rows"]
+    assert set(row["added_ms"]) == {OURS, COMPOSED, *([PEFT] if peft_version() else [])}
+    text = (tmp_path / "layers.md").read_text()
+    assert "| resnet50/conv3x3 |" in text and "| layer4.1.conv2 |" in text
+
+
+def test_adapter_tools_name_configurations_without_adapters() -> None:
+    # The per-layer, traffic and profile tools compare adapters: a baseline alone, or an unknown name, is a message.
+    with pytest.raises(SystemExit, match=r"\['resnet50/full'\]: no LoRA configuration among them"):
+        layers.main(["--quick", "--configs", "resnet50/full"])
+    with pytest.raises(SystemExit, match=r"\['nope/\*'\] match no configuration; choose from vit_s16/qkv"):
+        select_lora_configs(["nope/*"])
+    assert [config.name for config in select_lora_configs(["resnet50/*"])] == ["resnet50/conv3x3", "resnet50/all_convs"]
 
 
 def test_profile_lists_each_side_s_ops(capsys) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -108,5 +109,15 @@ def test_the_report_goes_to_wandb_when_a_wandb_logger_is_configured(
     assert len(tables) == 1 and len(images) == 1
     table = json.loads(tables[0].read_text())
     assert len(table["data"]) == 4 and table["columns"][:4] == ["model", "method", "variant", "targets"]
+    # W&B's service process writes the run's transaction log (what `wandb sync` uploads) in the background; the
+    # end of a sweep's process stops the service, which flushes it. This process lives on, so it stops the service
+    # as that exit would, and gives the write a bounded time (once seen here: only the log's 8-byte header, read
+    # right after `finish()`).
+    import wandb
+
+    wandb.teardown()
     (log,) = run_dir.glob("run-*.wandb")
+    deadline = time.monotonic() + 30
+    while b"smoke-report" not in log.read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.5)
     assert b"smoke-report" in log.read_bytes()  # the run's name

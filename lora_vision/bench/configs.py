@@ -153,6 +153,20 @@ def select_configs(patterns: Sequence[str] | None) -> list[BenchConfig]:
     return [c for c in CONFIGS if any(fnmatch.fnmatchcase(c.name, p) for p in patterns)]
 
 
+def select_lora_configs(patterns: Sequence[str]) -> list[BenchConfig]:
+    """The LoRA configurations among those the globs name, for the tools that compare adapters; a message naming
+    the patterns where they match no configuration or only the baselines, which have no adapters."""
+    try:
+        configs = [config for config in select_configs(patterns) if config.targets]
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    if not configs:
+        raise SystemExit(
+            f"--configs {list(patterns)}: no LoRA configuration among them (the baselines have no adapters)"
+        )
+    return configs
+
+
 @dataclass(frozen=True)
 class Settings:
     """How every configuration is run; the same for all sides of a row."""
@@ -215,3 +229,25 @@ def settings_from(args: argparse.Namespace, quick: Settings, **extra: Any) -> Se
         memory=args.memory,
         **extra,
     )
+
+
+def adapter_tool_parser(
+    prog: str, description: str, default_configs: Sequence[str], stem: str, repeats_help: str | None = None
+) -> argparse.ArgumentParser:
+    """The command line the CPU tools that compare adapters share (`bench.traffic`, `bench.layers`): which
+    configurations, how many runs and rounds, tiny models for tests, and where `stem`.md/.json go."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--configs", nargs="+", default=list(default_configs), metavar="GLOB")
+    parser.add_argument("--runs", type=positive_int)
+    parser.add_argument("--repeats", type=positive_int, help=repeats_help)
+    parser.add_argument("--warmup", type=int)
+    parser.add_argument("--batch-size", type=positive_int)
+    parser.add_argument("--quick", action="store_true", help="tiny models, 1 run of 2 rounds (for tests)")
+    parser.add_argument("--out", help=f"directory for {stem}.md and {stem}.json")
+    return parser
+
+
+def cpu_settings(args: argparse.Namespace) -> Settings:
+    """The settings of an `adapter_tool_parser` command line: CPU, fp32, no memory children."""
+    args.device, args.precision, args.memory = "cpu", "fp32", False
+    return settings_from(args, Settings(warmup=1, repeats=2, runs=1))

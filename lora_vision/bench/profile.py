@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from torch.profiler import ProfilerActivity, profile
 
-from lora_vision.bench.configs import Settings, positive_int, select_configs
+from lora_vision.bench.configs import Settings, positive_int, select_lora_configs
 from lora_vision.bench.peft_side import peft_version
 from lora_vision.bench.sides import TrainStep, build_base, make_batch, prepare_side, sides_of
 
@@ -41,12 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny models (for tests)")
     args = parser.parse_args(argv)
     settings = Settings(quick=args.quick)
-    try:
-        configs = [config for config in select_configs(args.configs) if config.targets]
-    except ValueError as err:
-        raise SystemExit(str(err)) from None
-    if not configs:
-        raise SystemExit(f"--configs {args.configs}: no LoRA configuration among them (the baselines have no sides)")
+    configs = select_lora_configs(args.configs)
     for config in configs:
         spec = settings.model(config)
         base = build_base(spec, settings)

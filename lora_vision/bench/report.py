@@ -254,6 +254,15 @@ def measured(module: str, argv: Sequence[str], settings: Settings, run: Callable
     }
 
 
+def emit(record: dict[str, Any], out: str | None, stem: str, render: Callable[[dict[str, Any]], str]) -> None:
+    """Write `stem`.md (the record rendered) and `stem`.json into the directory `out`, or print the markdown."""
+    if out is None:
+        print(render(record))
+        return
+    print(f"wrote {write_atomic(Path(out) / f'{stem}.md', render(record))}")
+    print(f"wrote {write_json_atomic(Path(out) / f'{stem}.json', record)}")
+
+
 def header(record: dict[str, Any], title: str, versions: str = "") -> list[str]:
     """A benchmark report's first lines: the title, date, command, machine, versions and load average."""
     info = record["machine"]

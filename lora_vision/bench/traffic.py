@@ -17,24 +17,28 @@ configuration this measures:
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lora_vision.bench.configs import BenchConfig, Settings, positive_int, select_configs, settings_from
+from lora_vision.bench.configs import (
+    BenchConfig,
+    Settings,
+    adapter_tool_parser,
+    cpu_settings,
+    positive_int,
+    select_lora_configs,
+)
 from lora_vision.bench.peft_side import peft_version
-from lora_vision.bench.report import header, measured
+from lora_vision.bench.report import emit, header, measured
 from lora_vision.bench.sides import FLOOR, OURS, PEFT, TrainStep, build_base, make_batch, prepare_side
 from lora_vision.bench.timing import Spread, time_runs
 from lora_vision.lora import LoRALinear
-from lora_vision.results import write_atomic, write_json_atomic
 
 PRODUCTS = "products"
 FLOAT_BYTES = 4
@@ -219,33 +223,22 @@ def markdown(record: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(prog="python -m lora_vision.bench.traffic", description=__doc__.split("\n")[0])
-    parser.add_argument("--configs", nargs="+", default=["vit_s16/all_linear", "vit_b16/all_linear"], metavar="GLOB")
-    parser.add_argument("--runs", type=positive_int)
-    parser.add_argument("--repeats", type=positive_int)
-    parser.add_argument("--warmup", type=int)
+    parser = adapter_tool_parser(
+        "python -m lora_vision.bench.traffic",
+        __doc__.split("\n")[0],
+        ["vit_s16/all_linear", "vit_b16/all_linear"],
+        "traffic",
+    )
     parser.add_argument("--steps", type=positive_int)
-    parser.add_argument("--batch-size", type=positive_int)
-    parser.add_argument("--quick", action="store_true", help="tiny models, 1 run of 2 rounds (for tests)")
-    parser.add_argument("--out", help="directory for traffic.md and traffic.json")
     args = parser.parse_args(argv)
-    args.device, args.precision, args.memory = "cpu", "fp32", False
-    settings = settings_from(args, Settings(warmup=1, repeats=2, runs=1))
-    try:
-        configs = [config for config in select_configs(args.configs) if config.targets]
-    except ValueError as err:
-        raise SystemExit(str(err)) from None
-    if not configs or any(config.model not in ("vit_s16", "vit_b16") for config in configs):
+    settings = cpu_settings(args)
+    configs = select_lora_configs(args.configs)
+    if any(config.model not in ("vit_s16", "vit_b16") for config in configs):
         raise SystemExit("--configs: choose LoRA configurations of the ViTs (vit_s16/*, vit_b16/*)")
     record = measured(
         "lora_vision.bench.traffic", argv, settings, lambda: {"rows": [traffic_row(c, settings) for c in configs]}
     )
-    if args.out:
-        out = Path(args.out)
-        print(f"wrote {write_atomic(out / 'traffic.md', markdown(record))}")
-        print(f"wrote {write_json_atomic(out / 'traffic.json', record)}")
-    else:
-        print(markdown(record))
+    emit(record, args.out, "traffic", markdown)
     return 0
 
 
