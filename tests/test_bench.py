@@ -438,7 +438,8 @@ def test_layer_inputs_are_what_the_step_feeds_each_adapted_layer() -> None:
     spec = settings.model(config)
     base = build_base(spec, settings)
     images, _ = make_batch(spec, settings)
-    models = {side: prepare_side(copy.deepcopy(base), config, side, settings) for side in (OURS, FLOOR, COMPOSED)}
+    sides = (OURS, FLOOR, COMPOSED, *([PEFT] if peft_version() else []))
+    models = {side: prepare_side(copy.deepcopy(base), config, side, settings) for side in sides}
     names = adapted_names(base, config)
     inputs = layers.layer_inputs(models[OURS], names, images, seed=0)
     assert [given.name for given in inputs] == names  # a ResNet reaches its convs in the order it names them
@@ -461,8 +462,10 @@ def test_layer_inputs_are_what_the_step_feeds_each_adapted_layer() -> None:
             torch.testing.assert_close(frozen(given.x), seen[given.name])  # the recorded input is the step's
         assert given.grad.shape == seen[given.name].shape
     last = inputs[-1]
-    for side in (OURS, COMPOSED):
+    for side in (side for side in sides if side != FLOOR):
         layer = layers.side_layer(models[side], side, last.name)
+        # PEFT's own LoRA layer where the side is PEFT's, ours elsewhere: the layer each side trains.
+        assert type(layer).__module__.startswith("peft.") == (side == PEFT) and layer.lora_A is not None
         layers.layer_step(layer, last)()
         assert last.x.grad is not None and all(p.grad is not None for p in layer.parameters() if p.requires_grad)
         grad_x = last.x.grad.clone()
@@ -508,6 +511,15 @@ def test_adapter_tools_name_configurations_without_adapters() -> None:
     with pytest.raises(SystemExit, match=r"\['nope/\*'\] match no configuration; choose from vit_s16/qkv"):
         select_lora_configs(["nope/*"])
     assert [config.name for config in select_lora_configs(["resnet50/*"])] == ["resnet50/conv3x3", "resnet50/all_convs"]
+
+
+@pytest.mark.parametrize(
+    "tool", [main, layers.main, traffic.main, multi.main], ids=["bench", "layers", "traffic", "multi"]
+)
+def test_bench_tools_refuse_a_negative_warmup_before_building_anything(tool, capsys) -> None:
+    with pytest.raises(SystemExit) as exited:
+        tool(["--quick", "--warmup", "-1"])
+    assert exited.value.code == 2 and "argument --warmup: must be >= 0, got -1" in capsys.readouterr().err
 
 
 def test_profile_lists_each_side_s_ops(capsys) -> None:

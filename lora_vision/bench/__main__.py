@@ -14,6 +14,7 @@ from lora_vision.bench.configs import (
     OPTIONS,
     PRECISIONS,
     Settings,
+    non_negative_int,
     positive_int,
     select_configs,
     select_options,
@@ -33,7 +34,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=positive_int, help="one batch size for every model (default: per model)")
     parser.add_argument("--steps", type=positive_int, help="training steps per timed sample (default 1)")
     parser.add_argument("--repeats", type=positive_int, help="timed rounds, in rotating order (default 5)")
-    parser.add_argument("--warmup", type=int, help="untimed rounds first (default 1)")
+    parser.add_argument("--warmup", type=non_negative_int, help="untimed rounds first (default 1)")
     parser.add_argument(
         "--runs", type=positive_int, help="runs of every comparison, each with warm-up and rounds (default 3)"
     )

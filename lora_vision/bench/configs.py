@@ -208,9 +208,18 @@ class Settings:
 
 def positive_int(text: str) -> int:
     """An argparse type: an integer >= 1."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer >= 0 (a number of warm-up rounds)."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, least: int) -> int:
     value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be >= {least}, got {value}")
     return value
 
 
@@ -240,7 +249,7 @@ def adapter_tool_parser(
     parser.add_argument("--configs", nargs="+", default=list(default_configs), metavar="GLOB")
     parser.add_argument("--runs", type=positive_int)
     parser.add_argument("--repeats", type=positive_int, help=repeats_help)
-    parser.add_argument("--warmup", type=int)
+    parser.add_argument("--warmup", type=non_negative_int)
     parser.add_argument("--batch-size", type=positive_int)
     parser.add_argument("--quick", action="store_true", help="tiny models, 1 run of 2 rounds (for tests)")
     parser.add_argument("--out", help=f"directory for {stem}.md and {stem}.json")

@@ -20,7 +20,6 @@ step (the same AdamW over the same parameters on both sides), and what one layer
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import sys
 from collections.abc import Callable, Sequence
@@ -37,18 +36,14 @@ from lora_vision.bench.configs import (
     cpu_settings,
     select_lora_configs,
 )
-from lora_vision.bench.peft_side import peft_version
-from lora_vision.bench.report import emit, header, measured
+from lora_vision.bench.report import header, record_rows
 from lora_vision.bench.sides import (
     COMPOSED,
     FLOOR,
     OURS,
     PEFT,
     adapted_names,
-    build_base,
-    make_batch,
-    prepare_side,
-    sides_of,
+    build_row,
 )
 from lora_vision.bench.timing import Spread, time_runs
 
@@ -120,11 +115,8 @@ def _ratio(numerators: list[float], denominators: list[float]) -> dict[str, Any]
 
 def layers_row(config: BenchConfig, settings: Settings) -> dict[str, Any]:
     """Every adapted layer of `config` timed alone on each side, and the sums over the layers, run by run."""
-    spec = settings.model(config)
-    base = build_base(spec, settings)
-    images, _ = make_batch(spec, settings)
-    sides = sides_of(config, with_peft=peft_version() is not None)
-    models = {side: prepare_side(copy.deepcopy(base), config, side, settings) for side in sides}
+    spec, base, images, _, models = build_row(config, settings)
+    sides = tuple(models)
     inputs = layer_inputs(models[OURS], adapted_names(base, config), images, settings.seed)
     totals = [dict.fromkeys(sides, 0.0) for _ in range(settings.runs)]
     layers = []
@@ -241,10 +233,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A layer's sample takes milliseconds, not a step's hundreds: more rounds cost little and narrow the medians.
         settings = dataclasses.replace(settings, repeats=LAYER_REPEATS)
     configs = select_lora_configs(args.configs)
-    record = measured(
-        "lora_vision.bench.layers", argv, settings, lambda: {"rows": [layers_row(c, settings) for c in configs]}
-    )
-    emit(record, args.out, "layers", markdown)
+
+    def rows() -> list[dict[str, Any]]:  # run inside the record, which times it
+        return [layers_row(config, settings) for config in configs]
+
+    record_rows("lora_vision.bench.layers", argv, settings, rows, args.out, markdown, "layers")
     return 0
 
 

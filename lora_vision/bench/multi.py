@@ -55,7 +55,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lora_vision.bench.configs import PRECISIONS, BenchConfig, Settings, positive_int, select_configs, settings_from
+from lora_vision.bench.configs import (
+    PRECISIONS,
+    BenchConfig,
+    Settings,
+    non_negative_int,
+    positive_int,
+    select_configs,
+    settings_from,
+)
 from lora_vision.bench.memory import MIB, in_child, max_rss, memory_baseline
 from lora_vision.bench.report import header, machine
 from lora_vision.bench.sides import TrainStep, autocast, build_base, make_batch
@@ -477,7 +485,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=positive_int, help=f"images per mixed batch (default {SERVING_BATCH})")
     parser.add_argument("--steps", type=positive_int, help="batches per timed sample (default 1)")
     parser.add_argument("--repeats", type=positive_int, help="timed rounds, in rotating order (default 5)")
-    parser.add_argument("--warmup", type=int, help="untimed rounds first (default 1)")
+    parser.add_argument("--warmup", type=non_negative_int, help="untimed rounds first (default 1)")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the memory measurements")
     parser.add_argument("--quick", action="store_true", help="tiny models, 1 warm-up and 2 timed rounds (for tests)")
     parser.add_argument("--train", action="store_true", help="a packed N-point training step against N separate ones")

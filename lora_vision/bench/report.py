@@ -254,8 +254,18 @@ def measured(module: str, argv: Sequence[str], settings: Settings, run: Callable
     }
 
 
-def emit(record: dict[str, Any], out: str | None, stem: str, render: Callable[[dict[str, Any]], str]) -> None:
-    """Write `stem`.md (the record rendered) and `stem`.json into the directory `out`, or print the markdown."""
+def record_rows(
+    module: str,
+    argv: Sequence[str],
+    settings: Settings,
+    rows: Callable[[], list[dict[str, Any]]],
+    out: str | None,
+    render: Callable[[dict[str, Any]], str],
+    stem: str,
+) -> None:
+    """The `measured` record of a tool's `rows()`, written as `stem`.md (rendered) and `stem`.json into the
+    directory `out`, or its markdown printed where there is none."""
+    record = measured(module, argv, settings, lambda: {"rows": rows()})
     if out is None:
         print(render(record))
         return

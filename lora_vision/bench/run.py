@@ -15,7 +15,6 @@ from torch import nn
 from lora_vision.bench.configs import LORA, BenchConfig, Settings
 from lora_vision.bench.flops import step_flops
 from lora_vision.bench.memory import peak_memory_mib
-from lora_vision.bench.peft_side import peft_version
 from lora_vision.bench.sides import (
     COMPOSED,
     FLOOR,
@@ -23,10 +22,10 @@ from lora_vision.bench.sides import (
     PEFT,
     TrainStep,
     build_base,
+    build_row,
     inference_step,
     make_batch,
     prepare_side,
-    sides_of,
     trainable_parameters,
 )
 from lora_vision.bench.timing import Runs, Spread, time_runs
@@ -84,11 +83,8 @@ def _inference(base: nn.Module, models: dict[str, nn.Module], config: BenchConfi
 
 def bench_config(config: BenchConfig, settings: Settings) -> dict[str, Any]:
     """One row: every side built from one model, timed in rotating order; then memory and inference."""
-    spec = settings.model(config)
-    base = build_base(spec, settings)
-    images, labels = make_batch(spec, settings)
-    sides = sides_of(config, with_peft=peft_version() is not None)
-    models = {side: prepare_side(copy.deepcopy(base), config, side, settings) for side in sides}
+    spec, base, images, labels, models = build_row(config, settings)
+    sides = tuple(models)
     calls = {side: TrainStep(model, images, labels, settings) for side, model in models.items()}
     runs = _timed(calls, settings)
     row: dict[str, Any] = {

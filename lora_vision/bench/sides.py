@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +13,7 @@ from torch import Tensor, nn
 
 from lora_vision.bench.configs import COMPILE, FULL, LINEAR_PROBE, LORA, BenchConfig, ModelSpec, Settings
 from lora_vision.bench.floor import attach_floor
-from lora_vision.bench.peft_side import peft_adapted_names, peft_twin
+from lora_vision.bench.peft_side import peft_adapted_names, peft_twin, peft_version
 from lora_vision.lora import LoraAdapter, LoRAConv2d, LoRALinear, apply_lora, resolve_targets
 from lora_vision.methods import FullFineTune, LinearProbe
 from lora_vision.performance import apply_performance_options
@@ -99,6 +101,27 @@ def prepare_side(model: nn.Module, config: BenchConfig, side: str, settings: Set
             flags[COMPILE] = {"backend": settings.compile_backend}
         apply_performance_options(model, **flags)
     return model.train()
+
+
+class Row(NamedTuple):
+    """What one benchmark row runs on: the model spec, the unadapted model, one batch, and every side's model."""
+
+    spec: ModelSpec
+    base: nn.Module
+    images: Tensor
+    labels: Tensor
+    models: dict[str, nn.Module]
+
+
+def build_row(config: BenchConfig, settings: Settings, sides: Sequence[str] | None = None) -> Row:
+    """The base model and batch of `config`, and each of `sides` (default: `sides_of` the row, PEFT where it is
+    installed) prepared from its own copy of the base."""
+    spec = settings.model(config)
+    base = build_base(spec, settings)
+    images, labels = make_batch(spec, settings)
+    sides = sides_of(config, with_peft=peft_version() is not None) if sides is None else sides
+    models = {side: prepare_side(copy.deepcopy(base), config, side, settings) for side in sides}
+    return Row(spec, base, images, labels, models)
 
 
 def sides_of(config: BenchConfig, with_peft: bool) -> Sequence[str]:

@@ -17,7 +17,6 @@ configuration this measures:
 
 from __future__ import annotations
 
-import copy
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,8 +34,8 @@ from lora_vision.bench.configs import (
     select_lora_configs,
 )
 from lora_vision.bench.peft_side import peft_version
-from lora_vision.bench.report import emit, header, measured
-from lora_vision.bench.sides import FLOOR, OURS, PEFT, TrainStep, build_base, make_batch, prepare_side
+from lora_vision.bench.report import header, record_rows
+from lora_vision.bench.sides import COMPOSED, FLOOR, OURS, PEFT, TrainStep, build_row, sides_of
 from lora_vision.bench.timing import Spread, time_runs
 from lora_vision.lora import LoRALinear
 
@@ -159,11 +158,9 @@ class ProductStep:
 
 def traffic_row(config: BenchConfig, settings: Settings) -> dict[str, Any]:
     """Saved and moved bytes of `config`, and ours, the floor and the adapters' products timed side by side."""
-    spec = settings.model(config)
-    base = build_base(spec, settings)
-    images, labels = make_batch(spec, settings)
-    sides = (OURS, FLOOR, PEFT) if peft_version() is not None and not config.peft_refuses else (OURS, FLOOR)
-    models = {side: prepare_side(copy.deepcopy(base), config, side, settings) for side in sides}
+    with_peft = peft_version() is not None
+    sides = [side for side in sides_of(config, with_peft) if side != COMPOSED]
+    spec, _, images, labels, models = build_row(config, settings, sides)
     saved = {side: saved_bytes(model, images, labels) / MIB for side, model in models.items()}
     shapes = adapted_shapes(models[OURS], images)
     calls: dict[str, Callable[[], None]] = {side: TrainStep(models[side], images, labels, settings) for side in sides}
@@ -235,10 +232,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     configs = select_lora_configs(args.configs)
     if any(config.model not in ("vit_s16", "vit_b16") for config in configs):
         raise SystemExit("--configs: choose LoRA configurations of the ViTs (vit_s16/*, vit_b16/*)")
-    record = measured(
-        "lora_vision.bench.traffic", argv, settings, lambda: {"rows": [traffic_row(c, settings) for c in configs]}
-    )
-    emit(record, args.out, "traffic", markdown)
+
+    def rows() -> list[dict[str, Any]]:  # run inside the record, which times it
+        return [traffic_row(config, settings) for config in configs]
+
+    record_rows("lora_vision.bench.traffic", argv, settings, rows, args.out, markdown, "traffic")
     return 0
 
 
